@@ -1,0 +1,44 @@
+# mura-tune: every target sets itself up on a fresh machine (creates .venv, installs the pinned set).
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_USAGE_STATS_ENABLED := 0
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test test-fast bench bench-full lint clean install
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade "pip>=24"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+## Main job on the embedded synthetic data: search, ensemble, report.
+demo: $(STAMP)
+	$(BIN)/mura-tune data summary
+	$(BIN)/mura-tune --space densenet_finetune --name demo --preset cpu --num-samples 8 --max-epochs 4 --grace-period 1 --resume-or-new
+	$(BIN)/mura-tune ensemble --experiment results/demo --name demo
+	$(BIN)/mura-tune report --experiment results/demo --ensemble ensembles/demo
+
+## Whole test suite (slow tests included).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run
+
+bench-full: $(STAMP)
+	$(BIN)/python -m benchmarks.run --full
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,187 @@
+"""The ``mura-tune`` command line.
+
+    mura-tune --space densenet_finetune            # the main job (same as `mura-tune search ...`)
+    mura-tune data synth --out DIR                 # synthetic MURA-v1.1 stand-in
+    mura-tune data summary [--data DIR] [--json]
+    mura-tune train --set model=custom_cnn
+
+Errors the user can fix print one line (``mura-tune: error: ...``) and exit 2; ``--debug``
+shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mura_tune import __version__
+from mura_tune.errors import MuraTuneError
+
+COMMANDS = ("data", "train", "pretrain", "search", "spaces", "leaderboard", "ensemble", "evaluate", "predict", "report", "cam")
+
+
+def _data_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="MURA-v1.1 folder (or its parent) or a .csv/.parquet manifest; default: the embedded synthetic set")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mura-tune", description="Search, fine-tune and ensemble MURA radiograph classifiers.")
+    parser.add_argument("--version", action="version", version=f"mura-tune {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    data = sub.add_parser("data", help="generate, check, split and cache datasets")
+    dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    p = dsub.add_parser("synth", help="write a synthetic dataset in the exact MURA-v1.1 layout")
+    p.add_argument("--out", required=True, help="folder to create OUT/MURA-v1.1 in")
+    p.add_argument("--scale", type=float, default=0.02, help="fraction of MURA's patients (default 0.02)")
+    p.add_argument("--size", type=int, default=256, help="long side of the images in px (default 256)")
+    p.add_argument("--difficulty", type=float, default=0.5, help="0 = obvious findings, 1 = subtle (default 0.5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--index", help="follow a real MURA index folder exactly (e.g. ../shared/mura-v1.1-index)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p = dsub.add_parser("summary", help="counts per split and body part, and every problem found")
+    _data_arg(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-image-check", action="store_true", help="do not decode every image")
+    p = dsub.add_parser("split", help="patient-disjoint train/val split (+ the official valid set as test)")
+    _data_arg(p)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="FILE.parquet")
+    p = dsub.add_parser("cache", help="decode every image once into the shared memory-mapped cache")
+    _data_arg(p)
+    p.add_argument("--size", type=int, required=True, help="side of the square images in px")
+
+    p = sub.add_parser("train", help="one training run (no Ray)")
+    _data_arg(p)
+    p.add_argument("--config", help="YAML/JSON config file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    p.add_argument("--out", help="run folder (default results/train-<time>)")
+    p.add_argument("--split", help="split manifest to use (default: a seeded split written into --out)")
+    p.add_argument("--from-trial", help="re-run a trial of an earlier search exactly (RESULTS/EXP/trials/ID)")
+    p.add_argument("--strict", action="store_true", help="fail on unreadable images instead of skipping them")
+
+    p = sub.add_parser("pretrain", help="pretrain a backbone on body-part labels (train split only)")
+    _data_arg(p)
+    p.add_argument("--backbone", default="densenet121")
+    p.add_argument("--task", default="body_part", choices=["body_part"])
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="weights.safetensors")
+
+    p = sub.add_parser("search", help="hyperparameter search (Ray Tune + Optuna TPE + ASHA)")
+    add_search_args(p)
+
+    sub.add_parser("spaces", help="list the registered search spaces")
+
+    p = sub.add_parser("leaderboard", help="(re)build and show an experiment's leaderboard")
+    p.add_argument("--experiment", required=True, help="RESULTS/EXP")
+    p.add_argument("--out", help="also write it to FILE.parquet")
+    p.add_argument("--top", type=int, default=10)
+
+    p = sub.add_parser("ensemble", help="greedy ensemble selection on val, honest report on test")
+    p.add_argument("--experiment", required=True, help="RESULTS/EXP")
+    p.add_argument("--name", help="ensembles/NAME (default: the experiment's name)")
+    p.add_argument("--out-root", default="ensembles")
+    p.add_argument("--max-size", type=int, default=25)
+    p.add_argument("--specialists", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--metric", choices=["kappa", "auc", "logloss"], default="kappa")
+    p.add_argument("--margin", type=float, default=0.02, help="a part's own ensemble must beat the generalist by this")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("evaluate", help="score a predictions file with bootstrap intervals")
+    _data_arg(p)
+    p.add_argument("--predictions", required=True, help="MURA submission CSV, image-level or study-level Parquet/CSV")
+    p.add_argument("--split", choices=["test", "val"], default="test")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("predict", help="predict studies with an ensemble")
+    p.add_argument("--ensemble", required=True, help="ensembles/NAME")
+    p.add_argument("--data", required=True, help="MURA-layout folder, manifest, or a folder of study subfolders")
+    p.add_argument("--out", required=True, help="predictions.csv (MURA submission format; a .parquet is written beside it)")
+
+    p = sub.add_parser("report", help="HTML report of an experiment (and ensemble)")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--ensemble")
+    p.add_argument("--out")
+
+    p = sub.add_parser("cam", help="Grad-CAM overlay of a checkpoint on a radiograph")
+    p.add_argument("--checkpoint", required=True)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--image")
+    g.add_argument("--study")
+    p.add_argument("--out")
+    return parser
+
+
+def add_search_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--space", required=True, help="a registered space (see `mura-tune spaces`) or path/to/space.py")
+    _data_arg(p)
+    p.add_argument("--num-samples", type=int, default=None, help="trials (default: the space's preset)")
+    p.add_argument("--max-epochs", type=int, default=None, help="ASHA max_t (default: the space's preset)")
+    p.add_argument("--grace-period", type=int, default=1)
+    p.add_argument("--reduction-factor", type=float, default=2)
+    p.add_argument("--max-concurrent", type=int, default=None, help="default: what the resources allow")
+    p.add_argument("--gpus-per-trial", type=float, default=None, help="fractions allowed; default 1 if CUDA, else 0")
+    p.add_argument("--cpus-per-trial", type=float, default=None, help="default: all cores on CPU, 4 with a GPU")
+    p.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT")
+    p.add_argument("--results", default="results", help="experiment storage (a folder shared by all nodes)")
+    p.add_argument("--name", help="experiment name (default: <space>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted experiment --name")
+    p.add_argument("--seed", type=int, default=0)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--body-part", help="specialist search on one part (e.g. XR_WRIST)")
+    g.add_argument("--specialists", action="store_true", help="generalist search plus one search per body part")
+    p.add_argument("--specialist-samples", type=int, default=None, help="trials per body part with --specialists")
+    p.add_argument("--preset", choices=["cpu", "gpu"], default=None, help="default: gpu if CUDA is visible, else cpu")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="fix a config field for every trial")
+    p.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial from its last checkpoint")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--strict", action="store_true", help="fail on unreadable images instead of skipping them")
+    p.add_argument("--random-search", action="store_true", help="baseline: random sampling and no early stopping")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `mura-tune --space X ...` is `mura-tune search --space X ...`.
+    if argv and not any(a in COMMANDS for a in argv) and any(a == "--space" or a.startswith("--space=") for a in argv):
+        argv = ["search", *argv]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        from mura_tune import commands
+
+        return int(commands.dispatch(args) or 0)
+    except MuraTuneError as exc:
+        if args.debug:
+            raise
+        print(f"mura-tune: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("mura-tune: interrupted", file=sys.stderr)
+        return 130
+
+
+def print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def paths_written(*paths: str | Path) -> None:
+    """Every command ends by printing the paths it wrote."""
+    for path in paths:
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Handlers of the ``mura-tune`` subcommands: parse-free glue from arguments to library calls."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from mura_tune.cli import paths_written, print_json
+from mura_tune.errors import ConfigError, DataError, ExperimentError
+
+
+def dispatch(args) -> int:
+    name = args.command if args.command != "data" else f"data_{args.data_command}"
+    return HANDLERS[name](args)
+
+
+# --- data ---------------------------------------------------------------------------------------
+def data_synth(args) -> int:
+    from mura_tune.data.synth import synthesize
+
+    root = synthesize(args.out, scale=args.scale, size=args.size, difficulty=args.difficulty, seed=args.seed,
+                      index=args.index, workers=args.workers)
+    paths_written(root)
+    return 0
+
+
+def data_summary(args) -> int:
+    from mura_tune.data.mura import read_dataset
+    from mura_tune.data.summary import format_summary, summarize
+
+    dataset = read_dataset(args.data, strict=False)
+    summary = summarize(dataset, check=not args.no_image_check, progress=not args.json)
+    if args.json:
+        print_json(summary)
+    else:
+        print(format_summary(summary))
+    return 0
+
+
+def data_split(args) -> int:
+    from mura_tune.data.mura import read_dataset
+    from mura_tune.data.split import assign_split, split_report, write_split
+
+    out = Path(args.out)
+    if out.suffix != ".parquet":
+        raise ConfigError(f"--out must be a .parquet file, got {out}")
+    table = assign_split(read_dataset(args.data).table, args.val_fraction, args.seed)
+    write_split(table, out)
+    report = split_report(table)
+    print(f"studies: {report['studies']}; val = {100 * report['val_fraction_of_train_studies']:.1f}% of train studies; "
+          f"patients in several splits: {report['patients_in_several_splits']}")
+    paths_written(out)
+    return 0
+
+
+def data_cache(args) -> int:
+    from mura_tune.data.cache import build_cache
+    from mura_tune.data.mura import read_dataset
+
+    if not 8 <= args.size <= 2048:
+        raise ConfigError(f"--size must be in [8, 2048], got {args.size}")
+    cache = build_cache(read_dataset(args.data).table["image_path"].tolist(), args.size)
+    bad = cache.unreadable
+    print(f"{len(cache.index)} images at {args.size}px; {len(bad)} unreadable")
+    for _, row in bad.head(50).iterrows():
+        print(f"  unreadable: {row['image_path']}: {row['reason']}")
+    paths_written(cache.path)
+    return 0
+
+
+# --- train / pretrain ---------------------------------------------------------------------------
+def train(args) -> int:
+    from mura_tune.config import TrainConfig, parse_overrides
+    from mura_tune.data.mura import read_dataset
+    from mura_tune.data.split import assign_split, load_split, write_split
+    from mura_tune.train import run_training
+    from mura_tune.weights import resolve_auto
+
+    split_path = Path(args.split) if args.split else None
+    if args.from_trial:
+        trial = Path(args.from_trial)
+        if not (trial / "config.yaml").exists():
+            raise ExperimentError(f"--from-trial {trial}: no config.yaml (expected RESULTS/EXP/trials/ID)")
+        config = TrainConfig.load(trial / "config.yaml")
+        split_path = split_path or trial.parent.parent / "split.parquet"
+    else:
+        config = TrainConfig.load(args.config) if args.config else TrainConfig()
+    config = config.updated(parse_overrides(args.set)) if args.set else config.validate()
+    out = Path(args.out or f"results/train-{time.strftime('%Y%m%d-%H%M%S')}")
+    if split_path is not None:
+        table = load_split(split_path)
+    else:
+        table = assign_split(read_dataset(args.data).table)
+        write_split(table, out / "split.parquet")
+    if config.pretrained == "auto":
+        config = config.updated({"pretrained": resolve_auto(config.model, data=args.data, image_size=config.image_size)})
+    summary = run_training(config, table, out, strict=args.strict)
+    val, test = summary["val"], summary["test"]
+    print(f"best epoch {summary['best_epoch']}: val_kappa_study {val.get('val_kappa_study', float('nan')):.3f}, "
+          f"val_auc {val.get('val_auc', float('nan')):.3f} | test_kappa_study {test.get('test_kappa_study', float('nan')):.3f} "
+          "(test is reported, never used to choose)")
+    paths_written(out / "config.yaml", out / "metrics.parquet", out / "best.pt", out / "predictions.parquet", out / "summary.json")
+    return 0
+
+
+def pretrain(args) -> int:
+    from mura_tune.pretrain import pretrain_bodypart
+
+    out, info = pretrain_bodypart(args.backbone, data=args.data, out=args.out, epochs=args.epochs,
+                                  image_size=args.image_size, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    print(f"body-part accuracy on the train split's held-in check: {info['train_accuracy']:.3f}")
+    paths_written(out, Path(out).with_suffix(".json"))
+    return 0
+
+
+# --- search -------------------------------------------------------------------------------------
+def search(args) -> int:
+    from mura_tune.tuning import run_search
+
+    return run_search(args)
+
+
+def spaces(args) -> int:
+    from mura_tune.spaces import describe_spaces
+
+    print(describe_spaces())
+    return 0
+
+
+def leaderboard(args) -> int:
+    from mura_tune.leaderboard import build_leaderboard, format_leaderboard
+
+    exp = Path(args.experiment)
+    board = build_leaderboard(exp)
+    print(format_leaderboard(board, top=args.top))
+    written = [exp / "leaderboard.parquet"]
+    if args.out:
+        from mura_tune.io import write_parquet
+
+        written.append(write_parquet(args.out, board))
+    paths_written(*written)
+    return 0
+
+
+# --- ensemble / evaluate / predict ------------------------------------------------------------------
+def ensemble(args) -> int:
+    from mura_tune.ensemble_build import build_ensemble
+
+    out = build_ensemble(args.experiment, name=args.name, out_root=args.out_root, max_size=args.max_size,
+                         specialists=args.specialists, metric=args.metric, margin=args.margin, seed=args.seed)
+    paths_written(out / "manifest.json", out / "predictions.parquet", out / "report.json")
+    return 0
+
+
+def evaluate(args) -> int:
+    from mura_tune.data.mura import read_dataset
+    from mura_tune.evaluate import evaluate_file, format_table
+
+    table = read_dataset(args.data).table
+    result = evaluate_file(table, args.predictions, split=args.split)
+    print_json(result) if args.json else print(format_table(result))
+    return 0
+
+
+def predict(args) -> int:
+    from mura_tune.predict import predict_with_ensemble
+
+    written = predict_with_ensemble(args.ensemble, args.data, args.out)
+    paths_written(*written)
+    return 0
+
+
+def report(args) -> int:
+    from mura_tune.report import write_report
+
+    path = write_report(args.experiment, ensemble=args.ensemble, out=args.out)
+    paths_written(path)
+    return 0
+
+
+def cam(args) -> int:
+    from mura_tune.cam import cam_command
+
+    paths_written(*cam_command(args.checkpoint, image=args.image, study=args.study, out=args.out))
+    return 0
+
+
+HANDLERS = {
+    "data_synth": data_synth, "data_summary": data_summary, "data_split": data_split, "data_cache": data_cache,
+    "train": train, "pretrain": pretrain, "search": search, "spaces": spaces, "leaderboard": leaderboard,
+    "ensemble": ensemble, "evaluate": evaluate, "predict": predict, "report": report, "cam": cam,
+}
+
+

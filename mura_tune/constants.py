@@ -1,0 +1,30 @@
+"""Names shared by the trainer, searcher, scheduler, leaderboard and ensemble (defined once)."""
+
+from __future__ import annotations
+
+#: The metric every component optimises, and its direction.
+METRIC = "val_kappa_study"
+MODE = "max"
+#: Ray Tune's time attribute: one training iteration is one epoch.
+TIME_ATTR = "training_iteration"
+
+BODY_PARTS = (
+    "XR_ELBOW",
+    "XR_FINGER",
+    "XR_FOREARM",
+    "XR_HAND",
+    "XR_HUMERUS",
+    "XR_SHOULDER",
+    "XR_WRIST",
+)
+
+#: Columns of the canonical image table (one row per image).
+TABLE_COLUMNS = ("image_path", "study_id", "patient_id", "body_part", "label", "source_split")
+SPLITS = ("train", "val", "test")
+
+#: Trial statuses in the leaderboard.
+COMPLETED, PRUNED, ERROR = "COMPLETED", "PRUNED", "ERROR"
+
+#: ImageNet statistics (the radiograph is replicated to 3 channels, as the MURA paper did).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)

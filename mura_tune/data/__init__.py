@@ -1,0 +1,1 @@
+"""The MURA data layer: reading, checking, splitting, decoding and caching radiographs."""

@@ -1,0 +1,36 @@
+"""The embedded default dataset: a small synthetic MURA, generated once into ``$MURA_TUNE_HOME``."""
+
+from __future__ import annotations
+
+import fcntl
+import sys
+from pathlib import Path
+
+from mura_tune.home import EMBEDDED, embedded_data_dir
+
+
+def ensure_embedded(verbose: bool = True) -> Path:
+    """Return the embedded dataset's folder, generating it on first use (safe across processes)."""
+    out = embedded_data_dir()
+    done = out / ".complete"
+    if done.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            from mura_tune.data.synth import synthesize
+
+            if verbose:
+                print(f"mura-tune: generating the embedded synthetic dataset into {out} (once)", file=sys.stderr)
+            tmp = out.with_name(out.name + ".partial")
+            if tmp.exists():
+                import shutil
+
+                shutil.rmtree(tmp)
+            synthesize(tmp, **EMBEDDED, progress=verbose)
+            tmp.rename(out)
+            done.touch()
+    if verbose:
+        print(f"mura-tune: using the embedded synthetic dataset at {out}", file=sys.stderr)
+    return out

@@ -1,0 +1,101 @@
+"""Decode one radiograph and preprocess it: grayscale, letterbox to a square, resize.
+
+This is the only place pixels are prepared, so the decoded cache and any uncached path give
+pixel-identical inputs. Normalisation and the 3-channel replication happen on tensors, at
+batch time (see :mod:`mura_tune.augment`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+#: Bump when preprocessing changes: it is part of every cache key.
+PREPROCESS_VERSION = 1
+#: Refuse images above this many pixels (decompression bombs); MURA's largest is ~0.3 MP.
+MAX_PIXELS = 40_000_000
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class ImageReadError(Exception):
+    """An image that cannot be used; ``str(exc)`` says why in a few words."""
+
+
+def load_gray(path: str | Path) -> np.ndarray:
+    """Decode a PNG to a 2-D uint8 array.
+
+    Grayscale is kept; RGB, RGBA and palette images are converted to luminance (alpha dropped);
+    16-bit images are rescaled to 8 bits by their maximum.
+
+    Raises:
+        ImageReadError: empty, not a PNG, truncated/undecodable, or larger than ``MAX_PIXELS``.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except FileNotFoundError:
+        raise ImageReadError("file not found") from None
+    except OSError as exc:
+        raise ImageReadError(f"cannot open ({exc.strerror})") from None
+    if not head:
+        raise ImageReadError("empty file (0 bytes)")
+    if head != PNG_SIGNATURE:
+        raise ImageReadError("not a PNG file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > MAX_PIXELS:
+                    raise ImageReadError(f"{w}x{h} exceeds the {MAX_PIXELS:,}-pixel limit (decompression bomb?)")
+                img.load()
+                return _to_gray(img)
+    except ImageReadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageReadError(f"too large: {exc}".split(". ")[0]) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"cannot decode ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
+def _to_gray(img: Image.Image) -> np.ndarray:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = arr.max()
+        return (arr * (255.0 / top) if top > 0 else arr).round().clip(0, 255).astype(np.uint8)
+    if img.mode == "L":
+        return np.asarray(img, dtype=np.uint8)
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    return np.asarray(img.convert("L"), dtype=np.uint8)
+
+
+def letterbox(gray: np.ndarray, size: int) -> np.ndarray:
+    """Zero-pad to a centred square (keeping the aspect ratio), then resize to ``size``×``size``."""
+    h, w = gray.shape
+    side = max(h, w)
+    square = np.zeros((side, side), dtype=np.uint8)
+    top, left = (side - h) // 2, (side - w) // 2
+    square[top : top + h, left : left + w] = gray
+    if side == size:
+        return square
+    resized = Image.fromarray(square).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def preprocess(path: str | Path, size: int) -> np.ndarray:
+    """Decode and letterbox one image: a ``(size, size)`` uint8 array."""
+    return letterbox(load_gray(path), size)
+
+
+def check_image(path: str | Path) -> str | None:
+    """Return why an image is unusable, or None if it decodes."""
+    try:
+        load_gray(path)
+    except ImageReadError as exc:
+        return str(exc)
+    return None

@@ -1,0 +1,225 @@
+"""Read a dataset into one canonical image table.
+
+Two inputs are accepted:
+
+* the official ``MURA-v1.1`` release (the folder itself or its parent), parsed with one
+  anchored path pattern and checked against ``*_labeled_studies.csv``;
+* a manifest (``.csv`` or ``.parquet``) with the columns of :data:`TABLE_COLUMNS`, image
+  paths relative to the manifest's folder, for any other X-ray dataset.
+
+The table has one row per image: ``image_path`` (absolute), ``study_id`` (the study folder
+relative to the dataset root, MURA style, no trailing slash), ``patient_id``, ``body_part``,
+``label`` (0 normal / 1 abnormal, the study's label) and ``source_split`` (``train``/``valid``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from mura_tune.constants import BODY_PARTS, TABLE_COLUMNS
+from mura_tune.errors import DataError
+
+ROOT_NAME = "MURA-v1.1"
+SOURCE_SPLITS = ("train", "valid")
+
+PATH_PATTERN = re.compile(
+    r"^MURA-v1\.1/(?P<split>train|valid)/(?P<part>XR_(?:" + "|".join(p[3:] for p in BODY_PARTS) + r"))"
+    r"/(?P<patient>patient\d+)/(?P<study>study\d+)_(?P<outcome>positive|negative)/image\d+\.png$"
+)
+STUDY_PATTERN = re.compile(
+    r"^MURA-v1\.1/(?P<split>train|valid)/XR_[A-Z]+/patient\d+/study\d+_(?P<outcome>positive|negative)/?$"
+)
+PATTERN_TEXT = "MURA-v1.1/<split>/XR_<PART>/patient<digits>/study<k>_<positive|negative>/image<j>.png"
+
+
+@dataclass
+class Problem:
+    """One problem found in the dataset: what kind, which file, and where it was listed."""
+
+    kind: str  # bad_path | label_mismatch | unlabeled_study | duplicate | missing | unreadable
+    path: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.path}: {self.detail}"
+
+
+@dataclass
+class Dataset:
+    """The canonical image table plus where it came from and what was wrong with it."""
+
+    table: pd.DataFrame
+    root: Path
+    source: str  # "mura" | "manifest"
+    problems: list[Problem] = field(default_factory=list)
+
+
+def locate_root(data: str | Path) -> Path:
+    """Return the folder that *contains* ``MURA-v1.1`` for ``data`` (the release or its parent)."""
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise DataError(f"data folder not found: {path}")
+    if not path.is_dir():
+        raise DataError(f"not a folder or a .csv/.parquet manifest: {path}")
+    if path.name == ROOT_NAME:
+        return path.parent.resolve()
+    if (path / ROOT_NAME).is_dir():
+        return path.resolve()
+    raise DataError(
+        f"no {ROOT_NAME} release in {path}: expected {path}/{ROOT_NAME}/train_image_paths.csv "
+        "(pass the MURA-v1.1 folder or its parent, or a .csv/.parquet manifest)"
+    )
+
+
+def _read_lines(csv: Path) -> list[tuple[int, str]]:
+    """Non-empty lines of an index CSV with their 1-based numbers, header row dropped."""
+    lines = []
+    for number, raw in enumerate(csv.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        line = raw.strip().strip('"')
+        if not line:
+            continue
+        if number == 1 and not line.startswith(ROOT_NAME) and re.search(r"[A-Za-z]", line):
+            # A header row ("path" / "Path,Label" ...): both variants circulate.
+            if not re.search(r"\.png|/", line):
+                continue
+        lines.append((number, line))
+    return lines
+
+
+def read_mura(data: str | Path, strict: bool = True) -> Dataset:
+    """Read the official MURA-v1.1 release into the canonical table.
+
+    Args:
+        data: the ``MURA-v1.1`` folder or its parent.
+        strict: raise :class:`DataError` on the first malformed line or contradicting
+            label; otherwise record it in ``Dataset.problems`` and skip the row.
+
+    Returns:
+        The dataset; image files are not opened here (see :mod:`mura_tune.data.check`).
+
+    Raises:
+        DataError: the folder or its CSVs are missing, or (strict) a line is malformed.
+    """
+    root = locate_root(data)
+    index_dir = root / ROOT_NAME
+    problems: list[Problem] = []
+
+    def problem(kind: str, where: str, detail: str) -> None:
+        if strict:
+            raise DataError(f"{where}: {detail}")
+        problems.append(Problem(kind, where, detail))
+
+    rows = []
+    found_any = False
+    for split in SOURCE_SPLITS:
+        images_csv = index_dir / f"{split}_image_paths.csv"
+        studies_csv = index_dir / f"{split}_labeled_studies.csv"
+        if not images_csv.exists() and not studies_csv.exists():
+            continue
+        for csv in (images_csv, studies_csv):
+            if not csv.exists():
+                raise DataError(f"missing index file {csv} (the release has both *_image_paths.csv and *_labeled_studies.csv)")
+        found_any = True
+        study_labels: dict[str, int] = {}
+        for number, line in _read_lines(studies_csv):
+            where = f"{studies_csv}:{number}"
+            study, _, label_text = line.rpartition(",")
+            match = STUDY_PATTERN.match(study.strip())
+            if not match or label_text.strip() not in ("0", "1"):
+                problem("bad_path", where, f"line does not match '<study dir>/,<0|1>' under {PATTERN_TEXT}: {line!r}")
+                continue
+            if match["split"] != split:
+                problem("bad_path", where, f"study of split {match['split']!r} listed in the {split} file: {study}")
+                continue
+            label = int(label_text)
+            if label != (match["outcome"] == "positive"):
+                problem("label_mismatch", where, f"label {label} contradicts '{match['outcome']}' in the path {study}")
+                continue
+            study_labels[study.strip().rstrip("/")] = label
+
+        seen: set[str] = set()
+        for number, line in _read_lines(images_csv):
+            where = f"{images_csv}:{number}"
+            match = PATH_PATTERN.match(line)
+            if not match:
+                problem("bad_path", where, f"path does not match {PATTERN_TEXT}: {line!r}")
+                continue
+            if match["split"] != split:
+                problem("bad_path", where, f"image of split {match['split']!r} listed in the {split} file: {line}")
+                continue
+            if line in seen:
+                problem("duplicate", where, f"image listed twice: {line}")
+                continue
+            seen.add(line)
+            study_id = line.rsplit("/", 1)[0]
+            label = study_labels.get(study_id)
+            if label is None:
+                problem("unlabeled_study", where, f"study not in {studies_csv.name}: {study_id}")
+                continue
+            rows.append(
+                (str(root / line), study_id, match["patient"], match["part"], label, split)
+            )
+    if not found_any:
+        raise DataError(f"no index CSVs in {index_dir} (expected train_image_paths.csv, train_labeled_studies.csv, ...)")
+    table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+    table["label"] = table["label"].astype("int8")
+    if table.empty:
+        raise DataError(f"no usable images listed in {index_dir}")
+    return Dataset(table=table, root=root, source="mura", problems=problems)
+
+
+def read_manifest(path: str | Path) -> Dataset:
+    """Read a user manifest (.csv or .parquet) with the canonical columns.
+
+    ``image_path`` may be relative (to the manifest's folder) or absolute. ``label`` must be
+    0/1 and constant within a study; ``source_split`` must be ``train`` or ``valid``.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"manifest not found: {path}")
+    try:
+        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except Exception as exc:  # pyarrow / pandas parser errors
+        raise DataError(f"cannot read manifest {path}: {exc}".splitlines()[0]) from exc
+    missing = [c for c in TABLE_COLUMNS if c not in table.columns]
+    if missing:
+        raise DataError(f"manifest {path} lacks columns {missing} (needs {list(TABLE_COLUMNS)})")
+    table = table[list(TABLE_COLUMNS)].copy()
+    if table[list(TABLE_COLUMNS)].isna().any().any():
+        bad = table[table.isna().any(axis=1)].index[0]
+        raise DataError(f"manifest {path}: empty value in row {bad + 2}")
+    bad_split = ~table["source_split"].isin(SOURCE_SPLITS)
+    if bad_split.any():
+        row = int(bad_split.to_numpy().nonzero()[0][0])
+        raise DataError(f"manifest {path} row {row + 2}: source_split must be train or valid, got {table['source_split'].iloc[row]!r}")
+    if not table["label"].isin([0, 1]).all():
+        row = int((~table["label"].isin([0, 1])).to_numpy().nonzero()[0][0])
+        raise DataError(f"manifest {path} row {row + 2}: label must be 0 or 1, got {table['label'].iloc[row]!r}")
+    per_study = table.groupby("study_id")["label"].nunique()
+    if (per_study > 1).any():
+        raise DataError(f"manifest {path}: study {per_study[per_study > 1].index[0]!r} has images with different labels")
+    dup = table["image_path"].duplicated()
+    if dup.any():
+        raise DataError(f"manifest {path}: image listed twice: {table['image_path'][dup].iloc[0]}")
+    base = path.parent.resolve()
+    table["image_path"] = [str(p if Path(p).is_absolute() else base / p) for p in table["image_path"]]
+    for col in ("study_id", "patient_id", "body_part"):
+        table[col] = table[col].astype(str)
+    table["label"] = table["label"].astype("int8")
+    return Dataset(table=table.reset_index(drop=True), root=base, source="manifest")
+
+
+def read_dataset(data: str | Path | None, strict: bool = True) -> Dataset:
+    """Read ``--data``: a MURA folder, a manifest file, or (None) the embedded synthetic set."""
+    if data is None:
+        from mura_tune.data.embedded import ensure_embedded
+
+        data = ensure_embedded()
+    path = Path(data).expanduser()
+    if path.suffix in (".csv", ".parquet") and not path.is_dir():
+        return read_manifest(path)
+    return read_mura(path, strict=strict)

@@ -1,0 +1,87 @@
+"""Patient-disjoint train/val/test splits.
+
+The official ``valid`` set becomes ``test`` and is never used for fitting or selection. The
+official ``train`` set is split into ``train`` and ``val`` by *patient* (across all body parts,
+because some patients have studies of several parts), stratified by body part and label so
+that each part's abnormal rate in val stays close to train's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mura_tune.errors import ConfigError, DataError
+from mura_tune.io import write_parquet
+
+
+def assign_split(table: pd.DataFrame, val_fraction: float = 0.2, seed: int = 0) -> pd.DataFrame:
+    """Return ``table`` with a ``split`` column (``train``/``val``/``test``).
+
+    Patients are visited in a seeded random order (largest first) and each goes to val when
+    that brings the val study counts of every (body part, label) stratum closer to
+    ``val_fraction`` of the total; this hits the fraction to within a few studies and keeps
+    each part's abnormal rate balanced.
+
+    Raises:
+        ConfigError: ``val_fraction`` is not in (0, 1).
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    out = table.copy()
+    out["split"] = np.where(out["source_split"] == "valid", "test", "train")
+    train = out[out["source_split"] == "train"]
+    if train.empty:
+        raise DataError("the dataset has no train images to split")
+    studies = train.drop_duplicates("study_id")[["study_id", "patient_id", "body_part", "label"]]
+    strata = pd.Categorical(studies["body_part"].astype(str) + ":" + studies["label"].astype(str))
+    counts = pd.crosstab(studies["patient_id"], strata.codes)  # patients × strata study counts
+    patients = counts.index.to_numpy()
+    matrix = counts.to_numpy(dtype=np.float64)
+    target = val_fraction * matrix.sum(axis=0)
+
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(patients))
+    order = order[np.argsort(-matrix[order].sum(axis=1), kind="stable")]
+    val_counts = np.zeros_like(target)
+    in_val = np.zeros(len(patients), dtype=bool)
+    for i in order:
+        row = matrix[i]
+        gain = np.abs(val_counts - target).sum() - np.abs(val_counts + row - target).sum()
+        if gain > 0:
+            val_counts += row
+            in_val[i] = True
+    val_patients = set(patients[in_val])
+    out.loc[(out["split"] == "train") & out["patient_id"].isin(val_patients), "split"] = "val"
+    return out
+
+
+def split_report(split_table: pd.DataFrame) -> dict:
+    """Facts about a split: study counts, val fraction, per-part abnormal study rates, leaks."""
+    studies = split_table.drop_duplicates("study_id")
+    patients_per_split = studies.groupby("patient_id")["split"].nunique()
+    rates = studies.pivot_table(index="body_part", columns="split", values="label", aggfunc="mean")
+    n = studies["split"].value_counts()
+    return {
+        "studies": {k: int(v) for k, v in n.items()},
+        "val_fraction_of_train_studies": float(n.get("val", 0) / max(n.get("val", 0) + n.get("train", 0), 1)),
+        "patients_in_several_splits": int((patients_per_split > 1).sum()),
+        "abnormal_study_rate": {part: {k: float(v) for k, v in row.items()} for part, row in rates.iterrows()},
+    }
+
+
+def write_split(table: pd.DataFrame, out: str | Path) -> Path:
+    """Write the split manifest atomically (Parquet)."""
+    return write_parquet(out, table)
+
+
+def load_split(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"split manifest not found: {path}")
+    table = pd.read_parquet(path)
+    if "split" not in table.columns:
+        raise DataError(f"{path} has no 'split' column (write one with `mura-tune data split`)")
+    return table

@@ -1,0 +1,448 @@
+"""A synthetic stand-in for the Stanford MURA-v1.1 dataset, in the official layout.
+
+Real MURA images need a research-use agreement. :func:`synthesize` writes radiograph-like
+images in exactly the MURA-v1.1 folder and CSV layout, so any MURA reader takes them
+unchanged::
+
+    OUT/MURA-v1.1/{train,valid}_image_paths.csv        one image path per line, no header
+    OUT/MURA-v1.1/{train,valid}_labeled_studies.csv    "<study dir>/,<0|1>", no header
+    OUT/MURA-v1.1/{train,valid}/XR_<PART>/patient<NNNNN>/study<K>_<positive|negative>/image<J>.png
+    OUT/synth_findings.parquet                         one row per image: finding, box, true label
+    OUT/synth_info.json                                arguments and counts
+
+Without ``index`` the structure is drawn to match MURA's statistics at ``scale`` times its
+size (per-part study and image abnormal rates, views per study, patients with several studies
+and body parts). With ``index`` (a folder holding the four official CSVs) the exact paths
+and labels of that index are reproduced, one image per listed path.
+
+Output is byte-identical for the same arguments, whatever ``workers`` is.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mura_tune.constants import BODY_PARTS
+from mura_tune.data.synth_render import FINDING_PROBS, FINDINGS, ImageJob, render_chunk
+from mura_tune.errors import ConfigError, DataError
+from mura_tune.io import write_json, write_parquet
+
+ROOT_NAME = "MURA-v1.1"
+SOURCE_SPLITS = ("train", "valid")
+CSV_NAMES = (
+    "train_image_paths.csv",
+    "valid_image_paths.csv",
+    "train_labeled_studies.csv",
+    "valid_labeled_studies.csv",
+)
+#: Fraction of studies whose drawn content contradicts their label.
+LABEL_NOISE = 0.04
+#: Probability that a view of an abnormal study shows its finding (at least one always does).
+VIEW_SHOWS_FINDING = 0.6
+_RATE_TOL = 0.03
+
+# Real MURA-v1.1 counts per part: (normal, abnormal).
+MURA_STUDIES = {
+    "train": {
+        "XR_ELBOW": (1094, 660), "XR_FINGER": (1280, 655), "XR_FOREARM": (590, 287),
+        "XR_HAND": (1497, 521), "XR_HUMERUS": (321, 271), "XR_SHOULDER": (1364, 1457),
+        "XR_WRIST": (2134, 1326),
+    },
+    "valid": {
+        "XR_ELBOW": (92, 66), "XR_FINGER": (92, 83), "XR_FOREARM": (69, 64),
+        "XR_HAND": (101, 66), "XR_HUMERUS": (68, 67), "XR_SHOULDER": (99, 95),
+        "XR_WRIST": (140, 97),
+    },
+}  # fmt: skip
+MURA_IMAGES = {
+    "train": {
+        "XR_ELBOW": (2925, 2006), "XR_FINGER": (3138, 1968), "XR_FOREARM": (1164, 661),
+        "XR_HAND": (4059, 1484), "XR_HUMERUS": (673, 599), "XR_SHOULDER": (4211, 4168),
+        "XR_WRIST": (5765, 3987),
+    },
+    "valid": {
+        "XR_ELBOW": (235, 230), "XR_FINGER": (214, 247), "XR_FOREARM": (150, 151),
+        "XR_HAND": (271, 189), "XR_HUMERUS": (148, 140), "XR_SHOULDER": (285, 278),
+        "XR_WRIST": (364, 295),
+    },
+}  # fmt: skip
+MURA_PATIENTS = {"train": 11184, "valid": 783}
+MURA_STUDY_TOTAL = {"train": 13457, "valid": 1199}
+
+# Seed tags (the render module uses 0 and 1).
+_TAG_FINDING, _TAG_STRUCTURE, _TAG_NOISE = 2, 3, 4
+_IMAGE_RE = re.compile(
+    r"^MURA-v1\.1/(train|valid)/(XR_[A-Z]+)/patient(\d+)/study\d+_(?:positive|negative)/image\d+\.png$"
+)
+_STUDY_RE = re.compile(
+    r"^(MURA-v1\.1/(train|valid)/(XR_[A-Z]+)/patient(\d+)/study\d+_(?:positive|negative)/),([01])$"
+)
+
+
+@dataclass
+class _Study:
+    split: str
+    part: str
+    patient: int
+    label: int  # as written to the CSVs
+    study_dir: str = ""  # "MURA-v1.1/.../studyK_positive/" (trailing slash)
+    images: list[str] = field(default_factory=list)
+    n_views: int = 0
+    number: int = 0
+    true_label: int = 0  # what is drawn
+    finding: str = "none"
+    visible: list[bool] = field(default_factory=list)
+
+
+def synthesize(
+    out: str | Path,
+    *,
+    scale: float = 0.02,
+    size: int = 256,
+    difficulty: float = 0.5,
+    seed: int = 0,
+    index: str | Path | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Write OUT/MURA-v1.1 (+ OUT/synth_findings.parquet and OUT/synth_info.json).
+
+    Args:
+        out: Output folder; ``OUT/MURA-v1.1`` must not exist or be empty.
+        scale: Fraction of MURA's studies to draw, in (0, 1] (ignored with ``index``).
+        size: Long side of every image in pixels, 16..2048.
+        difficulty: 0 (large, high-contrast findings) .. 1 (small, faint findings).
+        seed: Non-negative seed; the same arguments give byte-identical output.
+        index: Folder with the four official MURA-v1.1 CSVs to replicate exactly.
+        workers: Rendering processes (default ``os.cpu_count()``); does not change output.
+        progress: Show a tqdm progress bar on stderr.
+
+    Returns:
+        The path of the ``MURA-v1.1`` folder.
+
+    Raises:
+        ConfigError: An argument is out of range.
+        DataError: The index is missing or malformed, or the output already exists.
+    """
+    _check_args(scale, size, difficulty, seed, workers)
+    out = Path(out)
+    root = out / ROOT_NAME
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise DataError(f"{out}/{ROOT_NAME} already exists; choose another --out or delete it")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a folder")
+
+    if index is not None:
+        studies, image_lines, study_lines = _read_index(Path(index))
+    else:
+        studies = _draw_structure(scale, seed)
+        image_lines, study_lines = _layout_lines(studies)
+    _assign_truth(studies, seed)
+    jobs = _jobs(studies, image_lines)
+
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{ROOT_NAME}.partial-", dir=out))
+    try:
+        for st in studies:
+            if st.images:
+                (staging / st.study_dir[len(ROOT_NAME) + 1 :]).mkdir(parents=True, exist_ok=True)
+        for split in SOURCE_SPLITS:
+            (staging / f"{split}_image_paths.csv").write_text("".join(f"{p}\n" for p in image_lines[split]))
+            (staging / f"{split}_labeled_studies.csv").write_text("".join(f"{s}\n" for s in study_lines[split]))
+        results = _render_all(staging, jobs, seed, size, difficulty, workers, progress)
+        if root.exists():
+            root.rmdir()
+        os.replace(staging, root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+    _write_sidecars(out, studies, jobs, results, scale=scale, size=size, difficulty=difficulty,
+                    seed=seed, index=index)
+    return root
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_args(scale, size, difficulty, seed, workers) -> None:
+    if not isinstance(scale, int | float) or not 0 < scale <= 1:
+        raise ConfigError(f"--scale must be in (0, 1], got {scale}")
+    if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 2048:
+        raise ConfigError(f"--size must be an integer in 16..2048, got {size}")
+    if not isinstance(difficulty, int | float) or not 0 <= difficulty <= 1:
+        raise ConfigError(f"--difficulty must be in [0, 1], got {difficulty}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"--seed must be a non-negative integer, got {seed}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ConfigError(f"--workers must be a positive integer, got {workers}")
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+def _round(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def _allocate(split: str, part: str, scale: float) -> tuple[int, int, int, int]:
+    """Deterministic (normal studies, abnormal studies, normal images, abnormal images).
+
+    Starts from ``max(1, round(scale * real))`` per label; if rounding leaves the study- or
+    image-level abnormal rate more than 3 points off MURA's (tiny valid sets), the smallest
+    larger study count that matches both is used instead.
+    """
+    n_real, a_real = MURA_STUDIES[split][part]
+    ni_real, ai_real = MURA_IMAGES[split][part]
+    r_study, r_image = a_real / (n_real + a_real), ai_real / (ni_real + ai_real)
+    m_n, m_a = ni_real / n_real, ai_real / a_real
+
+    def images(n: int, a: int) -> tuple[int, int]:
+        return max(n, _round(n * m_n)), max(a, _round(a * m_a))
+
+    def ok(n: int, a: int) -> bool:
+        i_n, i_a = images(n, a)
+        return abs(a / (n + a) - r_study) <= _RATE_TOL and abs(i_a / (i_n + i_a) - r_image) <= _RATE_TOL
+
+    n, a = max(1, _round(scale * n_real)), max(1, _round(scale * a_real))
+    total = n + a
+    while not ok(n, a):
+        total += 1
+        best = None
+        for cand in {_round(total * r_study) + d for d in (-1, 0, 1)}:
+            if 1 <= cand < total and ok(total - cand, cand):
+                best = cand
+                break
+        if best is not None:
+            n, a = total - best, best
+    return (n, a, *images(n, a))
+
+
+def _spread_views(rng: np.random.Generator, n: int, total: int) -> list[int]:
+    """``n`` view counts (1..8, mostly 2-4) summing exactly to ``total``."""
+    mean = total / n
+    views = 1 + rng.binomial(7, min(max((mean - 1) / 7, 0.0), 1.0), size=n)
+    while views.sum() > total:
+        idx = np.flatnonzero(views > 1)
+        views[idx[rng.integers(len(idx))]] -= 1
+    while views.sum() < total:
+        idx = np.flatnonzero(views < 8)
+        views[idx[rng.integers(len(idx))]] += 1
+    return [int(v) for v in views]
+
+
+def _draw_structure(scale: float, seed: int) -> list[_Study]:
+    """Studies, patients and view counts matching MURA's statistics at ``scale``."""
+    rng = np.random.default_rng([seed, _TAG_STRUCTURE, 0])
+    out: list[_Study] = []
+    next_patient = 1
+    for split in SOURCE_SPLITS:
+        studies: list[_Study] = []
+        for part in BODY_PARTS:
+            n, a, i_n, i_a = _allocate(split, part, scale)
+            for label, count, imgs in ((0, n, i_n), (1, a, i_a)):
+                for v in _spread_views(rng, count, imgs):
+                    studies.append(_Study(split, part, 0, label, n_views=v))
+        n_patients = max(1, _round(len(studies) * MURA_PATIENTS[split] / MURA_STUDY_TOTAL[split]))
+        order = rng.permutation(len(studies))
+        owners: list[list[_Study]] = []
+        for rank, i in enumerate(order):
+            st = studies[i]
+            if rank < n_patients:
+                owners.append([st])
+                continue
+            # Prefer patients who already have several studies (as in MURA, a few have many).
+            multi = [j for j, o in enumerate(owners) if len(o) > 1]
+            j = int(rng.choice(multi)) if multi and rng.random() < 0.3 else int(rng.integers(len(owners)))
+            owners[j].append(st)
+        for group in owners:
+            per_part: Counter = Counter()
+            for st in group:
+                per_part[st.part] += 1
+                st.patient, st.number = next_patient, per_part[st.part]
+            next_patient += 1
+        studies.sort(key=lambda s: (BODY_PARTS.index(s.part), s.patient, s.number))
+        for st in studies:
+            kind = "positive" if st.label else "negative"
+            st.study_dir = f"{ROOT_NAME}/{split}/{st.part}/patient{st.patient:05d}/study{st.number}_{kind}/"
+            st.images = [f"{st.study_dir}image{j}.png" for j in range(1, st.n_views + 1)]
+        out += studies
+    return out
+
+
+def _layout_lines(studies: list[_Study]) -> tuple[dict, dict]:
+    images = {s: [] for s in SOURCE_SPLITS}
+    labels = {s: [] for s in SOURCE_SPLITS}
+    for st in studies:
+        images[st.split] += st.images
+        labels[st.split].append(f"{st.study_dir},{st.label}")
+    return images, labels
+
+
+def _read_index(folder: Path) -> tuple[list[_Study], dict, dict]:
+    """Studies, image lines and study lines of an official-layout index folder."""
+    if not folder.is_dir():
+        raise DataError(f"--index {folder}: folder not found")
+    for name in CSV_NAMES:
+        if not (folder / name).is_file():
+            raise DataError(f"--index {folder}: missing {name}")
+    studies: list[_Study] = []
+    by_dir: dict[str, _Study] = {}
+    image_lines: dict[str, list[str]] = {}
+    study_lines: dict[str, list[str]] = {}
+    seen: set[str] = set()
+    for split in SOURCE_SPLITS:
+        name = f"{split}_labeled_studies.csv"
+        study_lines[split] = _lines(folder / name)
+        for n, line in enumerate(study_lines[split], 1):
+            m = _STUDY_RE.match(line)
+            if not m or m.group(2) != split or m.group(3) not in BODY_PARTS:
+                raise DataError(f"--index {folder}/{name} line {n}: not a MURA study line: {line!r}")
+            if m.group(1) in by_dir:
+                raise DataError(f"--index {folder}/{name} line {n}: duplicate study {m.group(1)}")
+            st = _Study(split, m.group(3), int(m.group(4)), int(m.group(5)), study_dir=m.group(1))
+            by_dir[st.study_dir] = st
+            studies.append(st)
+        name = f"{split}_image_paths.csv"
+        image_lines[split] = _lines(folder / name)
+        for n, line in enumerate(image_lines[split], 1):
+            m = _IMAGE_RE.match(line)
+            if not m or m.group(1) != split:
+                raise DataError(f"--index {folder}/{name} line {n}: not a MURA image path: {line!r}")
+            st = by_dir.get(line.rsplit("/", 1)[0] + "/")
+            if st is None:
+                raise DataError(f"--index {folder}/{name} line {n}: study of {line} is not in "
+                                f"{split}_labeled_studies.csv")
+            if line in seen:
+                raise DataError(f"--index {folder}/{name} line {n}: duplicate image {line}")
+            seen.add(line)
+            st.images.append(line)
+    for st in studies:
+        st.n_views = len(st.images)
+    return studies, image_lines, study_lines
+
+
+def _lines(path: Path) -> list[str]:
+    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def _assign_truth(studies: list[_Study], seed: int) -> None:
+    """Label noise (exactly ~4% of each split's studies), finding kind and visible views."""
+    for code, split in enumerate(SOURCE_SPLITS):
+        idx = [i for i, st in enumerate(studies) if st.split == split]
+        n_flip = max(1, _round(LABEL_NOISE * len(idx))) if len(idx) >= 10 else 0
+        flip = set(np.random.default_rng([seed, _TAG_NOISE, code]).choice(idx, n_flip, replace=False).tolist()) \
+            if n_flip else set()
+        for i in idx:
+            studies[i].true_label = 1 - studies[i].label if i in flip else studies[i].label
+    for i, st in enumerate(studies):
+        if not st.true_label or not st.images:
+            continue
+        rng = np.random.default_rng([seed, _TAG_FINDING, i])
+        st.finding = FINDINGS[int(rng.choice(len(FINDINGS), p=FINDING_PROBS[st.part]))]
+        vis = rng.random(len(st.images)) < VIEW_SHOWS_FINDING
+        if not vis.any():
+            vis[rng.integers(len(st.images))] = True
+        st.visible = [bool(v) for v in vis]
+
+
+def _jobs(studies: list[_Study], image_lines: dict[str, list[str]]) -> list[ImageJob]:
+    """Image jobs in CSV order (train images, then valid), indexed globally."""
+    where: dict[str, tuple[int, int]] = {}
+    for si, st in enumerate(studies):
+        for v, path in enumerate(st.images):
+            where[path] = (si, v)
+    jobs = []
+    for idx, path in enumerate(p for split in SOURCE_SPLITS for p in image_lines[split]):
+        si, v = where[path]
+        st = studies[si]
+        visible = bool(st.visible[v]) if st.visible else False
+        jobs.append(ImageJob(idx, si, path[len(ROOT_NAME) + 1 :], st.part, st.finding, visible, v))
+    return jobs
+
+
+# ----------------------------------------------------------------------------- render + write
+
+
+def _render_all(staging: Path, jobs: list[ImageJob], seed, size, difficulty, workers, progress):
+    from tqdm import tqdm
+
+    workers = workers or os.cpu_count() or 1
+    chunk = max(8, min(64, math.ceil(len(jobs) / (workers * 4)))) if jobs else 1
+    chunks = [jobs[i : i + chunk] for i in range(0, len(jobs), chunk)]
+    results: list = []
+    with tqdm(total=len(jobs), unit="img", desc="synth", disable=not progress, file=sys.stderr) as bar:
+        if workers == 1 or len(chunks) <= 1:
+            for c in chunks:
+                results += render_chunk(str(staging), c, seed, size, difficulty)
+                bar.update(len(c))
+            return results
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=mp.get_context("spawn")) as ex:
+            futures = [ex.submit(render_chunk, str(staging), c, seed, size, difficulty) for c in chunks]
+            for fut, c in zip(futures, chunks):
+                results += fut.result()
+                bar.update(len(c))
+    return results
+
+
+def _write_sidecars(out: Path, studies, jobs, results, **args) -> None:
+    import pandas as pd
+
+    rows = []
+    for job, (visible, box) in zip(jobs, results):
+        st = studies[job.study_idx]
+        rows.append({
+            "image_path": f"{ROOT_NAME}/{job.rel_path}",
+            "study_id": st.study_dir.rstrip("/"),
+            "body_part": st.part,
+            "label": st.label,
+            "true_label": st.true_label,
+            "finding": st.finding,
+            "visible": bool(visible),
+            "x0": box[0], "y0": box[1], "x1": box[2], "y1": box[3],
+        })  # fmt: skip
+    df = pd.DataFrame(rows, columns=["image_path", "study_id", "body_part", "label", "true_label",
+                                     "finding", "visible", "x0", "y0", "x1", "y1"])
+    df = df.astype({"label": "int8", "true_label": "int8", "visible": "bool",
+                    "x0": "int32", "y0": "int32", "x1": "int32", "y1": "int32"})
+    write_parquet(out / "synth_findings.parquet", df)
+
+    counts = {}
+    for split in SOURCE_SPLITS:
+        sts = [s for s in studies if s.split == split]
+        parts_per_patient: dict[int, set] = {}
+        for s in sts:
+            parts_per_patient.setdefault(s.patient, set()).add(s.part)
+        counts[split] = {
+            "images": sum(len(s.images) for s in sts),
+            "studies": len(sts),
+            "patients": len(parts_per_patient),
+            "multi_part_patients": sum(len(p) >= 2 for p in parts_per_patient.values()),
+            "abnormal_studies": sum(s.label for s in sts),
+            "abnormal_images": sum(len(s.images) for s in sts if s.label),
+            "label_noise_studies": sum(s.label != s.true_label for s in sts),
+            "findings": {k: sum(s.finding == k for s in sts) for k in FINDINGS},
+        }
+    info = {
+        "generator": "mura_tune.data.synth",
+        "format": ROOT_NAME,
+        "args": {**args, "scale": None if args["index"] is not None else args["scale"],
+                 "index": None if args["index"] is None else str(args["index"])},
+        "label_noise": LABEL_NOISE,
+        "view_shows_finding": VIEW_SHOWS_FINDING,
+        "counts": counts,
+    }
+    write_json(out / "synth_info.json", info)

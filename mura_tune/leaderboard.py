@@ -1,0 +1,167 @@
+"""One Parquet leaderboard per experiment: a row per trial, sorted by the shared metric.
+
+Built from each trial's own files (``trials/<id>/trial.json``, ``summary.json``, ``metrics.parquet``,
+``error.json``) and from Ray's experiment state, read with Ray's own ``ExperimentAnalysis``,
+which says whether a trial finished, was stopped by ASHA, errored or is still pending.
+Works for finished, running and interrupted experiments alike.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mura_tune.constants import COMPLETED, ERROR, METRIC, MODE, PRUNED
+from mura_tune.errors import ExperimentError
+from mura_tune.io import write_parquet
+
+LEADERBOARD = "leaderboard.parquet"
+FIRST_COLUMNS = ["experiment", "trial_id", "space", "scope", "status", "reason", "epochs", "best_epoch", METRIC]
+
+
+def _ray_trial_states(exp_dir: Path) -> dict[str, dict]:
+    """trial_id -> {status, last_result, node} from every Ray experiment folder of the experiment."""
+    import warnings
+
+    from ray.tune import ExperimentAnalysis
+
+    from mura_tune.tuning import SPECIALISTS_DIR
+
+    folders = [exp_dir] + sorted((exp_dir / SPECIALISTS_DIR).glob("*")) if (exp_dir / SPECIALISTS_DIR).exists() else [exp_dir]
+    states: dict[str, dict] = {}
+    for folder in folders:
+        if not list(folder.glob("experiment_state-*.json")):
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            analysis = ExperimentAnalysis(str(folder))
+        for trial in analysis.trials:
+            states[trial.trial_id] = {"status": trial.status, "last_result": trial.last_result or {},
+                                      "error": bool(trial.error_file) or trial.status == "ERROR"}
+    return states
+
+
+def _status(ray_state: dict | None, summary: dict | None, error: dict | None) -> tuple[str, str | None]:
+    if error is not None or (summary or {}).get("status") == "diverged":
+        return ERROR, (error or {}).get("reason") or (summary or {}).get("reason")
+    if ray_state is not None:
+        if ray_state["error"]:
+            return ERROR, "trial errored (see Ray's error.txt)"
+        if ray_state["status"] in ("PENDING", "RUNNING", "PAUSED"):
+            return ray_state["status"], None
+        if ray_state["last_result"].get("trial_finished"):
+            return COMPLETED, None
+        return PRUNED, "stopped by ASHA"
+    if summary is not None and summary.get("status") in ("completed", "early_stopped"):
+        return COMPLETED, None
+    return PRUNED, "stopped before finishing"
+
+
+def build_leaderboard(exp_dir: str | Path, write: bool = True) -> pd.DataFrame:
+    """Collect every trial of an experiment into one sorted DataFrame (and ``leaderboard.parquet``).
+
+    Raises:
+        ExperimentError: the folder does not exist or holds no trials.
+    """
+    exp_dir = Path(exp_dir).expanduser().resolve()
+    if not exp_dir.is_dir():
+        raise ExperimentError(f"experiment folder not found: {exp_dir}")
+    trial_dirs = sorted(p for p in (exp_dir / "trials").glob("*") if (p / "trial.json").exists())
+    if not trial_dirs:
+        raise ExperimentError(f"no trials in {exp_dir} (expected {exp_dir / 'trials'}/<id>/trial.json)")
+    ray_states = _ray_trial_states(exp_dir)
+    rows = []
+    for trial_dir in trial_dirs:
+        meta = json.loads((trial_dir / "trial.json").read_text())
+        summary = _read_json(trial_dir / "summary.json")
+        error = _read_json(trial_dir / "error.json")
+        status, reason = _status(ray_states.get(meta["trial_id"]), summary, error)
+        row = {"experiment": exp_dir.name, "trial_id": meta["trial_id"], "space": meta["space"], "scope": meta["scope"],
+               "status": status, "reason": reason}
+        metrics = pd.read_parquet(trial_dir / "metrics.parquet") if (trial_dir / "metrics.parquet").exists() else None
+        row["epochs"] = int(len(metrics)) if metrics is not None else 0
+        best_val, best_test, best_epoch = {}, {}, None
+        if metrics is not None and "best_epoch" in metrics and len(metrics.dropna(subset=["best_epoch"])):
+            best_epoch = int(metrics["best_epoch"].dropna().iloc[-1])
+            if best_epoch > 0:
+                best_row = metrics[metrics["epoch"] == best_epoch].iloc[0]
+                best_val = {k: best_row[k] for k in metrics.columns if k.startswith("val_")}
+        if summary is not None and summary.get("test"):
+            best_test = summary["test"]
+        elif (trial_dir / "predictions.parquet").exists():
+            from mura_tune.metrics import split_metrics
+
+            preds = pd.read_parquet(trial_dir / "predictions.parquet")
+            test = preds[preds["split"] == "test"]
+            best_test = split_metrics(test, "test") if len(test) else {}
+        row["best_epoch"] = best_epoch
+        if status == ERROR:
+            best_val = {}  # errors are never reported as scores
+        row.update({k: _float(v) for k, v in best_val.items()})
+        row.update({k: _float(v) for k, v in best_test.items()} if status != ERROR else {})
+        for key, value in meta["params"].items():
+            row[f"hp_{key}"] = value
+        best_pt, preds = trial_dir / "best.pt", trial_dir / "predictions.parquet"
+        row["checkpoint_path"] = str(best_pt) if best_pt.exists() and status != ERROR else None
+        row["predictions_path"] = str(preds) if preds.exists() and status != ERROR else None
+        row["wall_seconds"] = _float((summary or {}).get("wall_seconds", metrics["epoch_seconds"].sum() if metrics is not None and "epoch_seconds" in metrics else math.nan))
+        row["device"] = (summary or {}).get("device")
+        row["node_id"] = meta.get("node_id")
+        row["weights_source"] = (summary or {}).get("weights_source") or meta.get("weights_source")
+        row["trial_dir"] = str(trial_dir)
+        rows.append(row)
+    board = _typed(pd.DataFrame(rows))
+    if METRIC not in board:
+        board[METRIC] = np.nan
+    board = board.sort_values(METRIC, ascending=MODE == "min", na_position="last", kind="stable").reset_index(drop=True)
+    board.insert(0, "rank", np.arange(1, len(board) + 1))
+    ordered = ["rank"] + [c for c in FIRST_COLUMNS if c in board] + [c for c in board if c not in FIRST_COLUMNS and c != "rank"]
+    board = board[ordered]
+    if write:
+        write_parquet(exp_dir / LEADERBOARD, board)
+    return board
+
+
+def _typed(board: pd.DataFrame) -> pd.DataFrame:
+    """One Arrow type per column (mixed hyperparameter values, e.g. unfreeze_blocks 0..3 | "all", become strings)."""
+    for col in board.columns:
+        values = board[col].dropna()
+        kinds = {type(v) for v in values}
+        if len(kinds) > 1 and not kinds <= {int, float}:
+            board[col] = board[col].map(lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+        elif kinds == {list}:
+            board[col] = board[col].map(lambda v: [int(x) for x in v] if isinstance(v, list) else None)
+    return board
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _float(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def load_leaderboard(exp_dir: str | Path) -> pd.DataFrame:
+    path = Path(exp_dir) / LEADERBOARD
+    return pd.read_parquet(path) if path.exists() else build_leaderboard(exp_dir)
+
+
+def format_leaderboard(board: pd.DataFrame, top: int = 10) -> str:
+    cols = ["rank", "trial_id", "scope", "status", "epochs", METRIC, "val_auc", "val_loss", "test_kappa_study"]
+    hp = [c for c in board.columns if c.startswith("hp_")][:6]
+    view = board[[c for c in cols + hp if c in board]].head(top).copy()
+    view.columns = [c.removeprefix("hp_") for c in view.columns]
+    counts = board["status"].value_counts().to_dict()
+    head = f"leaderboard: {len(board)} trials ({', '.join(f'{k} {v}' for k, v in counts.items())}); test is shown, never used for ranking"
+    return head + "\n" + view.to_string(index=False, float_format=lambda v: f"{v:.3f}")

@@ -1,0 +1,191 @@
+"""Pure metric functions: image → study aggregation, Cohen's kappa, AUC, bootstrap intervals.
+
+MURA is scored per study: a study's probability is the mean of its images' probabilities,
+and the study is abnormal when that mean is above 0.5 (Rajpurkar et al. 2017).
+
+Conventions:
+    * the kappa of a constant predictor is 0, never NaN;
+    * AUC with only one class present is ``nan`` ("missing"), never an exception.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+
+THRESHOLD = 0.5
+_EPS = 1e-7
+
+
+def study_table(images: pd.DataFrame) -> pd.DataFrame:
+    """Aggregate image-level rows to studies by the mean probability.
+
+    Args:
+        images: rows with ``study_id``, ``label``, ``prob`` and optionally ``body_part``/``split``.
+
+    Returns:
+        One row per study (sorted by ``study_id``) with the same key columns, ``label``, ``prob``
+        (mean of the image probabilities) and ``n_images``.
+    """
+    keys = [c for c in ("split", "study_id", "body_part") if c in images.columns]
+    grouped = images.groupby(keys, sort=True, observed=True)
+    out = grouped.agg(label=("label", "first"), prob=("prob", "mean"), n_images=("prob", "size"))
+    out = out.reset_index()
+    out["label"] = out["label"].astype(np.int8)
+    return out
+
+
+def kappa_from_counts(tp, fp, fn, tn):
+    """Cohen's kappa from confusion counts (arrays broadcast); 0 where it is undefined."""
+    tp, fp, fn, tn = (np.asarray(x, dtype=np.float64) for x in (tp, fp, fn, tn))
+    n = tp + fp + fn + tn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p_o = (tp + tn) / n
+        p_e = ((tp + fp) * (tp + fn) + (fn + tn) * (fp + tn)) / (n * n)
+        kappa = (p_o - p_e) / (1.0 - p_e)
+    return np.where(np.isfinite(kappa), kappa, 0.0)
+
+
+def kappa_batch(labels: np.ndarray, preds: np.ndarray) -> np.ndarray:
+    """Kappa of many binary predictions against one label vector at once.
+
+    Args:
+        labels: ``(S,)`` 0/1 labels.
+        preds: ``(..., S)`` 0/1 (or bool) predictions.
+
+    Returns:
+        ``(...)`` kappas.
+    """
+    y = np.asarray(labels, dtype=bool)
+    p = np.asarray(preds, dtype=bool)
+    tp = (p & y).sum(-1)
+    fp = (p & ~y).sum(-1)
+    fn = (~p & y).sum(-1)
+    tn = (~p & ~y).sum(-1)
+    return kappa_from_counts(tp, fp, fn, tn)
+
+
+def cohen_kappa(labels, probs, threshold: float = THRESHOLD) -> float:
+    """Kappa of ``prob > threshold`` against ``labels`` (0 for a constant predictor)."""
+    return float(kappa_batch(labels, np.asarray(probs) > threshold))
+
+
+def roc_auc(labels, probs) -> float:
+    """ROC AUC, or ``nan`` when only one class is present."""
+    labels = np.asarray(labels)
+    if labels.size == 0 or np.unique(labels).size < 2:
+        return math.nan
+    return float(roc_auc_score(labels, probs))
+
+
+def log_loss(labels, probs) -> float:
+    p = np.clip(np.asarray(probs, dtype=np.float64), _EPS, 1 - _EPS)
+    y = np.asarray(labels, dtype=np.float64)
+    if y.size == 0:
+        return math.nan
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def binary_metrics(labels, probs, threshold: float = THRESHOLD) -> dict[str, float]:
+    """Kappa, AUC, accuracy, sensitivity, specificity and log-loss of one set of predictions."""
+    y = np.asarray(labels, dtype=bool)
+    p = np.asarray(probs, dtype=np.float64) > threshold
+    tp, fp = int((p & y).sum()), int((p & ~y).sum())
+    fn, tn = int((~p & y).sum()), int((~p & ~y).sum())
+    n = max(y.size, 1)
+    return {
+        "kappa": float(kappa_from_counts(tp, fp, fn, tn)),
+        "auc": roc_auc(y.astype(int), probs),
+        "accuracy": (tp + tn) / n,
+        "sensitivity": tp / (tp + fn) if tp + fn else math.nan,
+        "specificity": tn / (tn + fp) if tn + fp else math.nan,
+        "logloss": log_loss(y, probs),
+        "n": int(y.size),
+    }
+
+
+def split_metrics(images: pd.DataFrame, prefix: str, per_part: bool = True) -> dict[str, float]:
+    """The per-epoch metric dict of one split from image-level predictions.
+
+    Args:
+        images: image rows with ``study_id``, ``body_part``, ``label``, ``prob``.
+        prefix: e.g. ``"val"`` gives ``val_auc``, ``val_kappa_study``, ``val_kappa_study_XR_WRIST``.
+        per_part: also report study kappa and AUC per body part.
+    """
+    out: dict[str, float] = {}
+    img = binary_metrics(images["label"].to_numpy(), images["prob"].to_numpy())
+    out[f"{prefix}_kappa_image"] = img["kappa"]
+    out[f"{prefix}_loss"] = img["logloss"]
+    studies = study_table(images)
+    st = binary_metrics(studies["label"].to_numpy(), studies["prob"].to_numpy())
+    out[f"{prefix}_kappa_study"] = st["kappa"]
+    out[f"{prefix}_auc"] = st["auc"]
+    out[f"{prefix}_accuracy"] = st["accuracy"]
+    out[f"{prefix}_sensitivity"] = st["sensitivity"]
+    out[f"{prefix}_specificity"] = st["specificity"]
+    if per_part:
+        for part, grp in studies.groupby("body_part", sort=True, observed=True):
+            out[f"{prefix}_kappa_study_{part}"] = cohen_kappa(grp["label"], grp["prob"])
+            out[f"{prefix}_auc_{part}"] = roc_auc(grp["label"], grp["prob"])
+    return out
+
+
+def bootstrap_intervals(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals over studies for kappa, AUC, accuracy, sensitivity, specificity.
+
+    Args:
+        labels: ``(S,)`` study labels.
+        probs: ``(S,)`` study probabilities.
+        n_boot: number of resamples.
+        alpha: 0.05 gives 95% intervals.
+        seed: seeds the resampling.
+
+    Returns:
+        ``{metric: (low, high)}``; ``(nan, nan)`` where a metric is undefined.
+    """
+    y = np.asarray(labels, dtype=bool)
+    s = np.asarray(probs, dtype=np.float64)
+    if y.size == 0:
+        return {k: (math.nan, math.nan) for k in ("kappa", "auc", "accuracy", "sensitivity", "specificity")}
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, y.size, size=(n_boot, y.size))
+    yb, pb = y[idx], s[idx] > THRESHOLD
+    tp = (pb & yb).sum(1)
+    fp = (pb & ~yb).sum(1)
+    fn = (~pb & yb).sum(1)
+    tn = (~pb & ~yb).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        samples = {
+            "kappa": kappa_from_counts(tp, fp, fn, tn),
+            "accuracy": (tp + tn) / y.size,
+            "sensitivity": tp / (tp + fn),
+            "specificity": tn / (tn + fp),
+            "auc": _auc_batch(yb, s[idx]),
+        }
+    q = (100 * alpha / 2, 100 * (1 - alpha / 2))
+    out = {}
+    for name, vals in samples.items():
+        vals = vals[np.isfinite(vals)]
+        out[name] = tuple(float(v) for v in np.percentile(vals, q)) if vals.size else (math.nan, math.nan)
+    return out
+
+
+def _auc_batch(y: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """AUC per row via the Mann-Whitney rank statistic (ties get average ranks); nan if one class."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(s, axis=1)
+    n_pos = y.sum(1)
+    n_neg = y.shape[1] - n_pos
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = ((ranks * y).sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)

@@ -1,0 +1,208 @@
+"""Search spaces, registered by name (timm-style registry).
+
+A space is one small file in ``search_spaces/`` (or any file passed as ``--space path.py``)::
+
+    from mura_tune.spaces import register_space
+
+    @register_space("my_space", fixed={"model": "custom_cnn"},
+                    presets={"cpu": {"image_size": 64, "max_epochs": 4, "num_samples": 8}})
+    def my_space(trial):
+        depth = trial.suggest_int("depth", 2, 6)
+        if depth >= 4:                       # conditional dimensions are fine (define-by-run)
+            trial.suggest_float("spatial_dropout", 0.0, 0.3)
+        trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+
+A plain dict of Optuna distributions works too (``register_space("name", {"lr": FloatDistribution(...)})``).
+The sampled values plus anything the function returns become the trial's config on top of
+``fixed`` and the preset. Names that are not config fields must be listed in ``aux`` (they are
+still recorded in the leaderboard).
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import importlib
+import importlib.util
+import pkgutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from mura_tune.errors import ConfigError
+
+#: Keys a preset may hold besides config fields: search-level defaults and keyword arguments of
+#: the space's function (e.g. ``space_args: {backbones: [densenet121]}`` for the CPU demo).
+PRESET_KEYS = ("num_samples", "max_epochs", "space_args")
+
+
+@dataclass
+class SearchSpace:
+    name: str
+    sample: Callable[[optuna.Trial], dict | None]  # define-by-run function
+    fixed: dict[str, Any] = field(default_factory=dict)  # config values shared by every trial
+    presets: dict[str, dict[str, Any]] = field(default_factory=dict)  # cpu / gpu
+    aux: tuple[str, ...] = ()  # sampled names that are not config fields
+    description: str = ""
+    source: str = ""  # the file that defined it
+
+    def preset(self, name: str) -> dict[str, Any]:
+        return dict(self.presets.get(name, {}))
+
+    def sampler_fn(self, preset: str | None = None) -> Callable[[optuna.Trial], dict | None]:
+        """The define-by-run function with the preset's ``space_args`` bound (picklable)."""
+        args = self.presets.get(preset or "", {}).get("space_args")
+        return functools.partial(self.sample, **args) if args else self.sample
+
+    def dimensions(self, n_samples: int = 64, seed: int = 0) -> dict[str, optuna.distributions.BaseDistribution]:
+        """Every dimension the space can sample (conditional ones included), found by sampling."""
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+        dims: dict[str, optuna.distributions.BaseDistribution] = {}
+        for _ in range(n_samples):
+            trial = study.ask()
+            self.sample(trial)
+            dims.update(trial.distributions)
+            study.tell(trial, 0.0)
+        return dims
+
+
+_REGISTRY: dict[str, SearchSpace] = {}
+_LOADED_BUILTINS = False
+
+
+def register_space(name: str, space: dict | None = None, *, fixed: dict | None = None, presets: dict | None = None,
+                   aux: tuple[str, ...] = (), description: str = ""):
+    """Register a space. Use as a decorator on a define-by-run function, or pass a dict of distributions."""
+
+    def add(fn: Callable) -> Callable:
+        module = sys.modules.get(fn.__module__)
+        _REGISTRY[name] = SearchSpace(name, fn, dict(fixed or {}), dict(presets or {}), tuple(aux),
+                                      description or (fn.__doc__ or "").strip().split("\n")[0],
+                                      getattr(module, "__file__", "") or "")
+        return fn
+
+    if space is not None:
+        add(_dict_space(space, name))
+        return _REGISTRY[name]
+    return add
+
+
+def _dict_space(space: dict, name: str) -> Callable:
+    """Turn ``{name: optuna distribution}`` into a define-by-run function."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    for key, dist in space.items():
+        if not isinstance(dist, (FloatDistribution, IntDistribution, CategoricalDistribution)):
+            raise ConfigError(f"space {name}: {key} must be an Optuna distribution, got {type(dist).__name__}")
+
+    def sample(trial: optuna.Trial) -> None:
+        for key, dist in space.items():
+            if isinstance(dist, FloatDistribution):
+                trial.suggest_float(key, dist.low, dist.high, log=dist.log, step=dist.step)
+            elif isinstance(dist, IntDistribution):
+                trial.suggest_int(key, dist.low, dist.high, log=dist.log, step=dist.step)
+            else:
+                trial.suggest_categorical(key, dist.choices)
+
+    sample.__module__ = "mura_tune.spaces"
+    sample.__qualname__ = f"dict_space_{name}"
+    return sample
+
+
+def _load_builtins() -> None:
+    global _LOADED_BUILTINS
+    if _LOADED_BUILTINS:
+        return
+    import mura_tune.search_spaces as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"mura_tune.search_spaces.{info.name}")
+    _LOADED_BUILTINS = True
+
+
+def list_spaces(pattern: str = "*") -> list[str]:
+    """Names of the registered spaces (``fnmatch`` pattern), sorted."""
+    import fnmatch
+
+    _load_builtins()
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def load_space_file(path: str | Path) -> SearchSpace:
+    """Import a user's space file (explicitly named: the only code we execute from a path)."""
+    path = Path(path).expanduser().resolve()
+    if not path.exists():
+        raise ConfigError(f"--space {path}: file not found")
+    module_name = f"mura_tune_user_space_{path.stem}"
+    before = set(_REGISTRY)
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # stable name: the searcher's state pickles its function
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise ConfigError(f"--space {path}: importing it failed: {type(exc).__name__}: {exc}") from None
+    added = [n for n in _REGISTRY if n not in before or _REGISTRY[n].source == str(path)]
+    if len(added) != 1:
+        raise ConfigError(f"--space {path}: the file must call register_space exactly once, it registered {len(added)}")
+    return _REGISTRY[added[0]]
+
+
+def get_space(name: str) -> SearchSpace:
+    """A registered space by name, or a user's space file (``*.py``)."""
+    if name.endswith(".py"):
+        return load_space_file(name)
+    _load_builtins()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown --space {name!r}; available: {', '.join(list_spaces())}{hint}")
+    return _REGISTRY[name]
+
+
+def sample_config(space: SearchSpace, trial: optuna.Trial) -> dict[str, Any]:
+    """Sample one trial's parameters the way the searcher does (captured suggestions + returned dict)."""
+    returned = space.sample(trial) or {}
+    return {**trial.params, **returned}
+
+
+def split_params(space: SearchSpace, params: dict[str, Any]) -> dict[str, Any]:
+    """Config fields among sampled ``params``; unknown names (not in ``aux``) are an error."""
+    from mura_tune.config import TrainConfig
+
+    fields = set(TrainConfig.__dataclass_fields__)
+    unknown = [k for k in params if k not in fields and k not in space.aux]
+    if unknown:
+        raise ConfigError(f"space {space.name}: {unknown[0]!r} is neither a config field nor declared in aux")
+    return {k: v for k, v in params.items() if k in fields}
+
+
+def describe_spaces() -> str:
+    """`mura-tune spaces`: each space with its dimensions and ranges."""
+    lines = []
+    for name in list_spaces():
+        space = _REGISTRY[name]
+        lines.append(f"{name}: {space.description}")
+        for dim, dist in sorted(space.dimensions().items()):
+            lines.append(f"    {dim:<18} {_format_dist(dist)}")
+        if space.fixed:
+            lines.append(f"    fixed: {space.fixed}")
+        for preset, values in sorted(space.presets.items()):
+            lines.append(f"    preset {preset}: {values}")
+        lines.append("")
+    lines.append("Add one: a file calling mura_tune.spaces.register_space, passed as --space path/to/file.py")
+    return "\n".join(lines)
+
+
+def _format_dist(dist) -> str:
+    from optuna.distributions import CategoricalDistribution
+
+    if isinstance(dist, CategoricalDistribution):
+        return "{" + ", ".join(map(str, dist.choices)) + "}"
+    kind = "int" if isinstance(dist.low, int) and not isinstance(dist.low, bool) and type(dist).__name__ == "IntDistribution" else "float"
+    return f"{kind} [{dist.low}, {dist.high}]" + (" log" if dist.log else "") + (f" step {dist.step}" if dist.step else "")

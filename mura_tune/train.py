@@ -1,0 +1,320 @@
+"""One training run: a config and a split manifest in, per-epoch metrics, the best checkpoint and
+its predictions out. Knows nothing about Ray; :mod:`mura_tune.tuning` only schedules it.
+
+    mura-tune train --set model=custom_cnn --set max_epochs=3 --out results/one-run
+
+Outputs in ``out_dir``: ``config.yaml``, ``metrics.parquet`` (one row per epoch), ``best.pt``
+(``{"state_dict", "config", "epoch", "metric"}``, loadable with ``torch.load(weights_only=True)``),
+``predictions.parquet`` (the best checkpoint's image probabilities on val and test) and
+``summary.json`` (status, best epoch, val and test metrics, parameter counts, device, timing).
+Test metrics are stored but never used to choose anything.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from mura_tune.augment import Normalize, augment, to_unit
+from mura_tune.config import TrainConfig
+from mura_tune.constants import METRIC
+from mura_tune.data.cache import ImageCache, build_cache
+from mura_tune.data.loader import SplitData, batch_loader
+from mura_tune.errors import DataError
+from mura_tune.io import write_json, write_parquet
+from mura_tune.metrics import split_metrics
+from mura_tune.models import MuraNet, build_model, count_parameters
+from mura_tune.weights import initial_backbone_state
+
+#: Called once per epoch with (metrics, resumable state). Ray's adapter reports from here.
+EpochCallback = Callable[[dict, dict], None]
+
+STATUS_COMPLETED, STATUS_EARLY_STOPPED, STATUS_DIVERGED = "completed", "early_stopped", "diverged"
+
+
+class TrialDiverged(RuntimeError):
+    """The loss became NaN/inf: the run stops and is recorded as an error, never as a score."""
+
+
+@dataclass
+class Prepared:
+    cache: ImageCache
+    train: SplitData
+    val: SplitData
+    test: SplitData
+    skipped: pd.DataFrame  # unreadable images left out
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def class_weights(train_table: pd.DataFrame) -> dict[str, tuple[float, float]]:
+    """MURA paper's per-body-part BCE weights from *study* counts: part -> (w_negative, w_positive).
+
+    w_pos = |N_T| / (|A_T| + |N_T|) and w_neg = |A_T| / (|A_T| + |N_T|) for study type T.
+    """
+    studies = train_table.drop_duplicates("study_id")
+    out = {}
+    for part, grp in studies.groupby("body_part"):
+        abnormal, normal = int(grp["label"].sum()), int((grp["label"] == 0).sum())
+        total = max(abnormal + normal, 1)
+        out[part] = (abnormal / total, normal / total) if abnormal and normal else (0.5, 0.5)
+    return out
+
+
+def prepare_data(split_table: pd.DataFrame, config: TrainConfig, cache_root: Path | None = None,
+                 strict: bool = False, progress: bool = True) -> Prepared:
+    """Cache the split's images at ``config.image_size`` and index train/val/test (one part if scoped)."""
+    # One cache for the whole split (shared by generalists and every specialist), then filter.
+    cache = build_cache(split_table["image_path"].tolist(), config.image_size, root=cache_root, progress=progress)
+    table = split_table
+    if config.body_part is not None:
+        table = table[table["body_part"] == config.body_part]
+        if table.empty:
+            raise DataError(f"body_part {config.body_part!r} has no images in this dataset")
+    bad = cache.unreadable
+    skipped = bad[bad["image_path"].isin(set(table["image_path"]))]
+    if len(skipped) and strict:
+        first = skipped.iloc[0]
+        raise DataError(f"{len(skipped)} unreadable image(s), e.g. {first['image_path']}: {first['reason']} (--strict)")
+    usable = table[~table["image_path"].isin(set(skipped["image_path"]))]
+    weights = class_weights(usable[usable["split"] == "train"])
+
+    def subset(name: str) -> SplitData:
+        part = usable[usable["split"] == name].reset_index(drop=True)
+        labels = part["label"].to_numpy(dtype=np.float32)
+        if config.class_weighting:
+            w = np.array([weights.get(p, (0.5, 0.5))[int(y)] for p, y in zip(part["body_part"], labels)], dtype=np.float32)
+            w = w / w.mean() if len(w) else w
+        else:
+            w = np.ones_like(labels)
+        cols = ["image_path", "study_id", "body_part", "label", "split"]
+        return SplitData(cache.rows(part["image_path"]), torch.from_numpy(labels), torch.from_numpy(w), part[cols])
+
+    prepared = Prepared(cache, subset("train"), subset("val"), subset("test"), skipped.reset_index(drop=True))
+    if len(prepared.train) == 0 or len(prepared.val) == 0:
+        raise DataError("the split has no train or no val images" + (f" for {config.body_part}" if config.body_part else ""))
+    return prepared
+
+
+def _maximise(metric: str) -> bool:
+    return not metric.endswith("_loss")
+
+
+def predict(net: MuraNet, data: Prepared, split: SplitData, device: torch.device, batch_size: int, tta_flip: bool,
+            normalize: torch.nn.Module) -> np.ndarray:
+    """Image probabilities for a split (eval mode, no augmentation, optional flip TTA)."""
+    net.eval()
+    out = np.empty(len(split), dtype=np.float32)
+    amp = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
+    with torch.inference_mode(), amp:
+        for images, _, _, pos in batch_loader(data.cache, split, batch_size * 2, shuffle=False, seed=0):
+            x = normalize(to_unit(images.to(device, non_blocking=True)))
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            logits = net(x).float()
+            if tta_flip:
+                logits = (logits + net(torch.flip(x, dims=[3])).float()) / 2
+            out[pos.numpy()] = torch.sigmoid(logits).cpu().numpy()
+    return out
+
+
+def run_training(
+    config: TrainConfig,
+    split_table: pd.DataFrame,
+    out_dir: str | Path,
+    on_epoch: EpochCallback | None = None,
+    resume_state: dict | None = None,
+    cache_root: Path | None = None,
+    strict: bool = False,
+    verbose: bool = True,
+    weights_source: str | None = None,
+) -> dict:
+    """Train one model; return the run summary (also written to ``summary.json``).
+
+    Args:
+        config: validated configuration (``pretrained`` already resolved from ``auto``).
+        split_table: the experiment's split manifest (``split`` column: train/val/test).
+        out_dir: the run's own folder.
+        on_epoch: called after every epoch with the metrics and a resumable state dict.
+        resume_state: a state from ``on_epoch`` to continue from (Ray restores, retries).
+        cache_root: where the decoded-image cache lives (default ``$MURA_TUNE_HOME/cache``).
+        strict: fail on unreadable images instead of skipping (and listing) them.
+        verbose: print one progress line per epoch.
+        weights_source: label recorded for the starting weights (default: derived from config).
+
+    Raises:
+        TrialDiverged: the training loss became NaN/inf (status ``diverged`` is written first).
+    """
+    config.validate()
+    started = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save(out / "config.yaml")
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed % 2**32)
+    device = resolve_device(config.device)
+    if device.type == "cpu":
+        torch.set_num_threads(config.threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1)
+
+    data = prepare_data(split_table, config, cache_root=cache_root, strict=strict, progress=verbose)
+    if len(data.skipped):
+        write_parquet(out / "skipped_images.parquet", data.skipped)
+        if verbose:
+            print(f"skipped {len(data.skipped)} unreadable image(s); list in {out / 'skipped_images.parquet'}")
+
+    backbone_state, source = initial_backbone_state(config.model, config.pretrained)
+    net = build_model(config, backbone_state=backbone_state).to(device)
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    trainable, total = count_parameters(net)
+    normalize = Normalize().to(device)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(params, lr=config.lr, weight_decay=config.weight_decay)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    generator = torch.Generator().manual_seed(config.seed)
+
+    history: list[dict] = []
+    best = {"epoch": -1, "value": -math.inf if _maximise(config.select_metric) else math.inf}
+    start_epoch = 0
+    if resume_state is not None:
+        net.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        plateau.load_state_dict(resume_state["plateau"])
+        generator.set_state(resume_state["generator"])
+        history, best, start_epoch = resume_state["history"], resume_state["best"], resume_state["epoch"]
+    if verbose:
+        print(f"{config.model}: {trainable:,} of {total:,} parameters trainable (unfreeze_blocks={config.unfreeze_blocks}); "
+              f"weights: {weights_source or source}; device: {device}; train/val/test images: "
+              f"{len(data.train)}/{len(data.val)}/{len(data.test)}")
+    status = STATUS_COMPLETED
+    amp = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
+    summary_base = {
+        "trainable_params": trainable, "total_params": total, "weights_source": weights_source or source,
+        "device": str(device), "skipped_images": len(data.skipped),
+        "images": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
+    }
+
+    for epoch in range(start_epoch, config.max_epochs):
+        t0 = time.time()
+        net.train()
+        loss_sum, seen = 0.0, 0
+        for images, labels, weights, _ in batch_loader(data.cache, data.train, config.batch_size, shuffle=True,
+                                                       seed=config.seed * 1000 + epoch, num_workers=config.num_workers,
+                                                       pin_memory=device.type == "cuda"):
+            x = to_unit(images.to(device, non_blocking=True))
+            x = normalize(augment(x, config.aug_strength, generator))
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            labels, weights = labels.to(device, non_blocking=True), weights.to(device, non_blocking=True)
+            with amp:
+                logits = net(x).float()
+            loss = F.binary_cross_entropy_with_logits(logits, labels, weight=weights)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.detach() * len(labels)
+            seen += len(labels)
+        train_loss = float(loss_sum) / max(seen, 1)
+        if not math.isfinite(train_loss):
+            status = STATUS_DIVERGED
+            history.append({"epoch": epoch + 1, "train_loss": train_loss, "status": status})
+            write_parquet(out / "metrics.parquet", pd.DataFrame(history))
+            _write_summary(out, config, summary_base, history, best, status, started,
+                           reason=f"training loss became {train_loss} at epoch {epoch + 1}")
+            raise TrialDiverged(f"training loss became {train_loss} at epoch {epoch + 1}")
+
+        val_probs = predict(net, data, data.val, device, config.batch_size, config.tta_flip, normalize)
+        val_frame = data.val.table.assign(prob=val_probs)
+        metrics = {"epoch": epoch + 1, "train_loss": train_loss, **split_metrics(val_frame, "val"),
+                   "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": 0.0}
+        plateau.step(metrics["val_loss"])
+        value = metrics.get(config.select_metric, math.nan)
+        better = value > best["value"] if _maximise(config.select_metric) else value < best["value"]
+        if best["epoch"] < 0 or better:
+            best = {"epoch": epoch + 1, "value": value}
+            test_probs = predict(net, data, data.test, device, config.batch_size, config.tta_flip, normalize)
+            test_frame = data.test.table.assign(prob=test_probs)
+            best["test"] = split_metrics(test_frame, "test") if len(test_frame) else {}
+            best["val"] = {k: v for k, v in metrics.items() if k.startswith("val_")}
+            torch.save({"state_dict": net.state_dict(), "config": config.to_dict(), "epoch": epoch + 1,
+                        "metric": {config.select_metric: value}}, _tmp(out / "best.pt"))
+            os.replace(_tmp(out / "best.pt"), out / "best.pt")
+            write_parquet(out / "predictions.parquet", pd.concat([val_frame, test_frame], ignore_index=True))
+        metrics["epoch_seconds"] = time.time() - t0
+        metrics["best_epoch"] = best["epoch"]
+        metrics[f"best_{config.select_metric}"] = best["value"]
+        stop_early = epoch + 1 - best["epoch"] >= config.early_stop_patience
+        last = stop_early or epoch + 1 == config.max_epochs
+        if stop_early and epoch + 1 < config.max_epochs:
+            status = STATUS_EARLY_STOPPED
+        metrics["status"] = status if last else "running"
+        metrics["trial_finished"] = last
+        history.append(metrics)
+        write_parquet(out / "metrics.parquet", pd.DataFrame(history))
+        if verbose:
+            print(f"epoch {epoch + 1}/{config.max_epochs}  train_loss {train_loss:.4f}  val_loss {metrics['val_loss']:.4f}  "
+                  f"val_auc {metrics['val_auc']:.3f}  val_kappa_study {metrics[METRIC]:.3f}  "
+                  f"({metrics['epoch_seconds']:.1f}s)", flush=True)
+        if last:  # the summary is final before Ray learns the trial is finished
+            _write_summary(out, config, summary_base, history, best, status, started)
+        if on_epoch is not None:
+            state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "plateau": plateau.state_dict(),
+                     "generator": generator.get_state(), "history": history, "best": best, "epoch": epoch + 1}
+            on_epoch(dict(metrics), state)
+        if last:
+            break
+    return _write_summary(out, config, summary_base, history, best, status, started)
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
+def _write_summary(out: Path, config: TrainConfig, base: dict, history: list[dict], best: dict, status: str,
+                   started: float, reason: str | None = None) -> dict:
+    summary = {
+        **base,
+        "status": status,
+        "reason": reason,
+        "epochs": len(history),
+        "best_epoch": best["epoch"],
+        "select_metric": config.select_metric,
+        "best_value": best["value"] if best["epoch"] > 0 else None,
+        "val": best.get("val", {}),
+        "test": best.get("test", {}),
+        "wall_seconds": time.time() - started,
+    }
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[MuraNet, TrainConfig]:
+    """Rebuild a model from ``best.pt`` (``weights_only=True``: no pickled code is executed)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"checkpoint not found: {path}")
+    try:
+        blob = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise DataError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from None
+    config = TrainConfig.from_dict({**blob["config"], "pretrained": "none"}, source=str(path))
+    net = build_model(config)
+    net.load_state_dict(blob["state_dict"])
+    return net.eval(), config
