@@ -135,6 +135,7 @@ def load_split(candidates: list[Candidate], split: str, only: set[int] | None = 
 
 
 def coverage(cand: Candidate, data: SplitData, row: int) -> tuple[int, int]:
+    """``(predicted, needed)`` studies of ``cand``'s scope in ``data`` (row ``row``)."""
     cols = slice(None) if cand.scope == GENERALIST else data.body_parts == cand.scope
     have = np.isfinite(data.probs[row, cols])
     return int(have.sum()), int(have.size)

@@ -75,8 +75,8 @@ class TrainConfig:
             value = getattr(self, name)
             rule(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
         rule(self.depth <= 8, f"depth must be <= 8, got {self.depth}")
-        rule(self.image_size >= 2 ** min(self.depth, 5) if self.model == CUSTOM_CNN else self.image_size >= 32,
-             f"image_size {self.image_size} is too small for model {self.model} (depth {self.depth})")
+        rule(self.image_size >= (8 if self.model == CUSTOM_CNN else 32),
+             f"image_size must be >= {8 if self.model == CUSTOM_CNN else 32} for {self.model}, got {self.image_size}")
         for name in ("dropout", "head_dropout", "spatial_dropout"):
             value = getattr(self, name)
             rule(0.0 <= value < 1.0, f"{name} must be in [0, 1), got {value}")

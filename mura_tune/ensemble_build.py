@@ -4,8 +4,8 @@ Order of work (the test split is never read before every selection decision is m
 
 1. read the leaderboard; skip ERROR trials and trials without a predictions file;
 2. load study-level **val** probabilities of every candidate (Parquet filter ``split == "val"``);
-3. fit the generalist ensemble on all val studies, then, per body part with specialists, an
-   ensemble over generalists + that part's specialists on the part's val studies; a part uses
+3. fit the generalist ensemble on all val studies, then, for every body part, an ensemble over
+   the generalists + that part's specialists (if any) on the part's val studies; a part uses
    its own ensemble only if it beats the generalist ensemble there by more than ``margin``;
 4. pick the baselines on val: the best single generalist and the MURA-paper recipe (mean of the
    5 lowest ``val_loss`` generalists);
@@ -72,7 +72,8 @@ def select(
         val: study-level val probabilities of ``candidates`` (split must be ``"val"``).
         candidates: usable trials, in the row order of ``val.probs``.
         max_size, metric, seed, prune_top: passed to each :class:`GreedyEnsemble`.
-        specialists: fit per-part ensembles for parts that have specialist trials.
+        specialists: fit one ensemble per body part (generalists + the part's specialists);
+            ``False`` serves every part with the generalist ensemble.
         margin: a part ensemble must beat the generalist ensemble on the part by more than this.
 
     Returns:
@@ -98,11 +99,8 @@ def select(
             "part_val_score": None,
             "margin": margin,
         }
-        if not specialists or not spec:
-            reason = (
-                "specialists disabled" if not specialists else "no specialist trials for this part"
-            )
-            sel.routing[part] = {**base, "reason": reason}
+        if not specialists:
+            sel.routing[part] = {**base, "reason": "specialists disabled"}
             continue
         if metric == "auc" and np.unique(val.labels[cols]).size < 2:
             sel.routing[part] = {
@@ -116,10 +114,11 @@ def select(
         )
         gain = sign * (part_ens.score_ - score(val.labels[cols], gen_probs[cols], metric))
         routed = gain > margin
+        what = "part ensemble" if spec else "part ensemble (no specialist trials for this part)"
         reason = (
-            f"part ensemble beats the generalist by {gain:.4f} > margin {margin}"
+            f"{what} beats the generalist by {gain:.4f} > margin {margin}"
             if routed
-            else f"part ensemble gains {gain:.4f} <= margin {margin}: generalist kept"
+            else f"{what} gains {gain:.4f} <= margin {margin}: generalist kept"
         )
         sel.routing[part] = {
             **base,
@@ -295,7 +294,8 @@ def build_ensemble(
         name: ensemble name; default the experiment folder's name.
         out_root: parent folder of ``<name>/``.
         max_size: greedy selection steps per ensemble.
-        specialists: fit per-part ensembles over generalists + that part's specialists.
+        specialists: fit one ensemble per body part over the generalists + that part's
+            specialists (``False``: the generalist ensemble serves every part).
         metric: selection metric: ``"kappa"``, ``"auc"`` or ``"logloss"``.
         margin: a part uses its own ensemble only if it beats the generalist there by more than this.
         seed: seeds tie-breaking and the bootstrap.
@@ -328,8 +328,17 @@ def build_ensemble(
     candidates, skipped = read_candidates(exp)
     if not specialists:
         candidates = [c for c in candidates if c.scope == GENERALIST]
+    if not any(c.scope == GENERALIST for c in candidates):
+        why = f": {skipped[0]['trial_id']} {skipped[0]['reason']}" if skipped else ""
+        raise ExperimentError(
+            f"no finished generalist trial with predictions in {exp} "
+            f"({len(skipped)} trial(s) skipped{why})"
+        )
     val = load_split(candidates, "val")
-    candidates, val, incomplete = drop_incomplete(candidates, val)
+    try:
+        candidates, val, incomplete = drop_incomplete(candidates, val)
+    except ExperimentError as exc:
+        raise ExperimentError(f"{exc} in {exp}") from None
     skipped += incomplete
     settings = {"max_size": max_size, "metric": metric, "seed": seed, "prune_top": prune_top}
     sel = select(val, candidates, specialists=specialists, margin=margin, **settings)
@@ -388,13 +397,10 @@ def build_ensemble(
         )
         for d in (val, test)
     ]
-    paths = [
-        write_json(out / "manifest.json", manifest),
-        write_parquet(out / "predictions.parquet", pd.concat(rows, ignore_index=True)),
-        write_json(out / "report.json", report),
-    ]
+    write_json(out / "manifest.json", manifest)
+    write_parquet(out / "predictions.parquet", pd.concat(rows, ignore_index=True))
+    write_json(out / "report.json", report)
     print(format_report(report))
     if skipped:
         print(f"\nskipped {len(skipped)} trials (see manifest.json)")
-    print("\nwrote " + ", ".join(str(p) for p in paths))
-    return out
+    return out  # the CLI prints the paths written

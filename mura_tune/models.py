@@ -42,7 +42,7 @@ class CustomCNN(nn.Module):
                     layers.append(nn.BatchNorm2d(width))
                 layers.append(nn.ReLU(inplace=True))
                 channels = width
-            layers.append(nn.MaxPool2d(2))
+            layers.append(nn.MaxPool2d(2, ceil_mode=True))  # a 1x1 map stays 1x1 in deep cells
             if spatial_dropout > 0:
                 layers.append(nn.Dropout2d(spatial_dropout))
             cells.append(nn.Sequential(*layers))

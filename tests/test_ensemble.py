@@ -230,7 +230,7 @@ def test_specialist_used_only_above_margin(val_data):
     assert below["served_by"] == "generalist" and "generalist kept" in below["reason"]
     assert above["part_val_score"] == below["part_val_score"]
     assert above["generalist_val_score"] == below["generalist_val_score"]
-    assert _route(val_data, 0.02)["XR_ELBOW"]["reason"] == "no specialist trials for this part"
+    assert "no specialist trials for this part" in _route(val_data, 0.02)["XR_ELBOW"]["reason"]
 
 
 def test_permuting_test_labels_changes_no_selection(tmp_path):

@@ -188,7 +188,8 @@ def read_manifest(path: str | Path) -> Dataset:
     missing = [c for c in TABLE_COLUMNS if c not in table.columns]
     if missing:
         raise DataError(f"manifest {path} lacks columns {missing} (needs {list(TABLE_COLUMNS)})")
-    table = table[list(TABLE_COLUMNS)].copy()
+    has_split = "split" in table.columns  # an experiment's split.parquet is a manifest too
+    table = table[list(TABLE_COLUMNS) + (["split"] if has_split else [])].copy()
     if table[list(TABLE_COLUMNS)].isna().any().any():
         bad = table[table.isna().any(axis=1)].index[0]
         raise DataError(f"manifest {path}: empty value in row {bad + 2}")

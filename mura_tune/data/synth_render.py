@@ -546,10 +546,10 @@ def _plan_fracture(c: _Ctx, f: _Finding) -> None:
     ax, ay, _ = _axis(t)
     phi = c.u(-0.6, 0.6)  # obliquity of the fracture line
     nx, ny = ax * math.cos(phi) - ay * math.sin(phi), ax * math.sin(phi) + ay * math.cos(phi)
-    width = max(0.7, 0.011 * c.size * c.sev * c.u(0.7, 1.3))
-    depth = min(0.95, 0.75 * c.contrast * c.u(0.8, 1.15))
+    width = max(0.8, 0.022 * c.size * c.sev * c.u(0.7, 1.3))
+    depth = min(0.95, 0.9 * c.contrast * c.u(0.85, 1.1))
     displaced = c.rng.random() < max(0.1, 0.9 - 0.7 * (1.2 - c.sev))
-    off = t.r * c.u(0.2, 0.5) * min(c.sev, 1.3) if displaced else 0.0
+    off = t.r * c.u(0.3, 0.7) * min(c.sev, 1.3) if displaced else 0.0
     side = float(c.rng.choice([-1.0, 1.0]))
     f.fracture = (i, (fx, fy), (nx, ny), width, depth, (-ay * off * side, ax * off * side))
     half = t.r / max(abs(math.cos(phi)), 0.5) + off
@@ -557,7 +557,7 @@ def _plan_fracture(c: _Ctx, f: _Finding) -> None:
     f.pts += [(fx + s * lx * half + w * nx * 2 * width, fy + s * ly * half + w * ny * 2 * width)
               for s in (-1, 1) for w in (-1, 1)]
     f.extra_soft.append(Tube(fx - ax * t.r * 2, fy - ay * t.r * 2, fx + ax * t.r * 2,
-                             fy + ay * t.r * 2, t.r * 2.2, 0.0, 0.25 * c.contrast * min(c.sev, 1.2)))
+                             fy + ay * t.r * 2, t.r * 2.4, 0.0, 0.5 * c.contrast * min(c.sev, 1.2)))
 
 
 def _plan_hardware(c: _Ctx, f: _Finding) -> None:
@@ -569,8 +569,8 @@ def _plan_hardware(c: _Ctx, f: _Finding) -> None:
     p = [0.6, 0.3, 0.1] if c.sev >= 0.9 else [0.4, 0.4, 0.2] if c.sev >= 0.6 else [0.15, 0.45, 0.4]
     style = str(c.rng.choice(["plate", "screws", "wire"], p=p))
     if style == "plate":
-        hl = min(0.11 * c.size * max(c.sev, 0.45) * c.u(0.8, 1.2), 0.45 * length)
-        hw = max(1.0, 0.22 * t.r)
+        hl = min(0.14 * c.size * max(c.sev, 0.45) * c.u(0.8, 1.2), 0.45 * length)
+        hw = max(1.2, 0.4 * t.r)
         side = float(c.rng.choice([-1.0, 1.0]))
         pcx, pcy = hx - ay * side * (t.r + hw), hy + ax * side * (t.r + hw)
         f.metal.append((pcx, pcy, ang, hl, hw))
@@ -578,7 +578,7 @@ def _plan_hardware(c: _Ctx, f: _Finding) -> None:
         for j in range(k):
             s = -hl + (j + 0.5) * 2 * hl / k
             sx, sy = hx + ax * s - ay * side * 0.1 * t.r, hy + ay * s + ax * side * 0.1 * t.r
-            f.metal.append((sx, sy, ang + math.pi / 2, t.r * 1.15, max(0.7, 0.12 * t.r)))
+            f.metal.append((sx, sy, ang + math.pi / 2, t.r * 1.4, max(0.8, 0.2 * t.r)))
         for cx, cy in ((pcx, pcy), (hx, hy)):
             f.pts += [(cx + ax * hl * u - ay * v * t.r * 1.3, cy + ay * hl * u + ax * v * t.r * 1.3)
                       for u in (-1, 1) for v in (-1, 1)]
@@ -587,8 +587,8 @@ def _plan_hardware(c: _Ctx, f: _Finding) -> None:
     for j in range(k):
         s = (j - (k - 1) / 2) * t.r * 1.8
         tilt = c.u(-0.5, 0.5) + (0.6 if style == "wire" else 0.0)
-        hl = t.r * (1.2 if style == "screws" else 3.0) * max(c.sev, 0.6)
-        wid = max(0.6, (0.16 if style == "screws" else 0.07) * t.r * max(c.sev, 0.7))
+        hl = t.r * (1.5 if style == "screws" else 3.0) * max(c.sev, 0.6)
+        wid = max(0.7, (0.22 if style == "screws" else 0.1) * t.r * max(c.sev, 0.7))
         cx, cy = hx + ax * s, hy + ay * s
         f.metal.append((cx, cy, ang + math.pi / 2 + tilt, hl, wid))
         f.around(cx, cy, hl + 1)
@@ -602,9 +602,9 @@ def _plan_degenerative(c: _Ctx, f: _Finding) -> None:
     (jx, jy), ja, hw = c.pick([((j[0], j[1]), j[2], j[3]) for j in c.joints])
     dx, dy = _dir(ja)
     px, py = -dy, dx
-    spur = max(1.5, 0.028 * c.size * c.sev * c.u(0.75, 1.25))
-    band = max(0.8, 0.35 * hw * min(c.sev, 1.2))
-    f.extra_bone.append(Blob(jx, jy, hw * 0.95, band, math.atan2(dy, dx), 0.0, 0.9 * c.contrast))
+    spur = max(1.5, 0.045 * c.size * c.sev * c.u(0.75, 1.25))
+    band = max(1.0, 0.4 * hw * min(c.sev, 1.2))
+    f.extra_bone.append(Blob(jx, jy, hw * 0.95, band, math.atan2(dy, dx), 0.0, 1.2 * c.contrast))
     for side in (-1.0, 1.0):
         for along in (-1.0, 1.0):
             if c.rng.random() < 0.3:
@@ -615,7 +615,7 @@ def _plan_degenerative(c: _Ctx, f: _Finding) -> None:
             ox, oy = side * px + tilt * dx, side * py + tilt * dy
             n = math.hypot(ox, oy)
             f.extra_bone.append(Tube(bx, by, bx + ox / n * spur, by + oy / n * spur,
-                                     spur * 0.45, 0.0, 1.3 * c.contrast))
+                                     spur * 0.5, 0.0, 1.5 * c.contrast))
     reach, ext = hw + spur, band + spur
     f.pts += [(jx + s * px * reach + t * dx * ext, jy + s * py * reach + t * dy * ext)
               for s in (-1, 1) for t in (-1, 1)]
@@ -627,10 +627,10 @@ def _plan_lesion(c: _Ctx, f: _Finding) -> None:
     (lx, ly), i = c.pick(cands)
     b = c.bones[i]
     bone_r = b.r if isinstance(b, Tube) else min(b.a, b.b)
-    jit = c.u(-0.35, 0.35) * bone_r
-    rad = max(1.5, min(0.032 * c.size * c.sev * c.u(0.75, 1.3), 1.1 * bone_r))
+    jit = c.u(-0.25, 0.25) * bone_r
+    rad = max(1.5, min(0.045 * c.size * c.sev * c.u(0.75, 1.3), 1.6 * bone_r))
     lucent = bool(c.rng.random() < 0.65)
-    depth = min(0.9, 0.8 * c.contrast * c.u(0.8, 1.15))
+    depth = min(0.95, 0.9 * c.contrast * c.u(0.85, 1.1))
     f.lesion = (lx + jit * 0.7, ly + jit * 0.7, rad, lucent, depth)
     f.around(lx + jit * 0.7, ly + jit * 0.7, rad * 1.15)
 
@@ -650,13 +650,12 @@ def _draw_lesion(b: np.ndarray, lx: float, ly: float, rad: float, lucent: bool, 
     sl, xs, ys = box
     d = np.sqrt((xs - lx) ** 2 + (ys - ly) ** 2) * (1.0 / rad)
     core = np.sqrt(np.maximum(1.0 - d * d, 0.0))
-    inside = b[sl] > 0
-    if lucent:
-        rim = np.exp(-(((d - 1.0) / 0.18) ** 2)) * inside
+    if lucent:  # expansile: the sclerotic rim may bulge out of the bone
+        rim = np.exp(-(((d - 1.0) / 0.15) ** 2))
         b[sl] *= 1.0 - depth * core
-        b[sl] += rim * (0.25 * rad * depth)
+        b[sl] += rim * (0.3 * rad * depth)
     else:
-        b[sl] += core * (0.9 * rad * depth) * inside
+        b[sl] += core * (0.9 * rad * depth)
 
 
 def _draw_fracture(b: np.ndarray, t: Tube, fr) -> None:

@@ -1,0 +1,129 @@
+"""Search: a real Ray Tune + Optuna TPE + ASHA run, the space registry, the leaderboard's readers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+from conftest import run_cli
+from helpers import cli
+from mura_tune.config import TrainConfig
+from mura_tune.constants import METRIC
+from mura_tune.spaces import get_space, list_spaces, sample_config, split_params
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def experiment(tiny_data, ray_session, tmp_path_factory) -> Path:
+    results = tmp_path_factory.mktemp("results")
+    code = run_cli("--space", "custom_cnn", "--data", tiny_data, "--num-samples", 6, "--max-epochs", 3,
+                   "--grace-period", 1, "--reduction-factor", 2, "--max-concurrent", 2, "--cpus-per-trial", 1,
+                   "--results", results, "--name", "acc", "--set", "image_size=32", "--seed", 1)
+    assert code == 0
+    return results / "acc"
+
+
+def test_search_leaderboard_pruning_and_paths(experiment):
+    board = pd.read_parquet(experiment / "leaderboard.parquet")
+    assert len(board) == 6
+    assert set(board["status"]) <= {"COMPLETED", "PRUNED"}
+    pruned = board[board["status"] == "PRUNED"]
+    assert len(pruned) >= 1, board[["trial_id", "status", "epochs", METRIC]]
+    assert (pruned["epochs"] < 3).all()
+    assert (board[board["status"] == "COMPLETED"]["epochs"] == 3).all()
+    assert board[METRIC].is_monotonic_decreasing
+    for col in ("checkpoint_path", "predictions_path"):
+        assert board[col].map(lambda p: Path(p).exists()).all(), col
+    assert {"hp_depth", "hp_lr", "val_auc", "test_kappa_study", "wall_seconds", "device", "node_id", "scope", "space"} <= set(board)
+    assert board["hp_depth"].dtype.kind == "i" and board["hp_lr"].dtype.kind == "f"
+    assert (board["scope"] == "all").all()
+
+
+def test_pruned_trials_are_pruned_in_optuna(experiment):
+    study = optuna.load_study(study_name="acc:all", storage=f"sqlite:///{experiment / 'optuna.db'}")
+    board = pd.read_parquet(experiment / "leaderboard.parquet")
+    states = [t.state.name for t in study.trials]
+    assert len(study.trials) == 6
+    assert states.count("PRUNED") == (board["status"] == "PRUNED").sum()
+    assert states.count("COMPLETE") == (board["status"] == "COMPLETED").sum()
+    for t in study.trials:
+        assert len(t.intermediate_values) >= 1  # every epoch's value reached Optuna
+
+
+def test_ray_tools_read_the_experiment(experiment):
+    from ray import tune
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(experiment))
+    assert len(analysis.trials) == 6
+    assert tune.Tuner.can_restore(str(experiment))
+    from mura_tune.tuning import mura_trial
+
+    restored = tune.Tuner.restore(str(experiment), trainable=mura_trial)
+    assert len(restored.get_results()) == 6
+
+
+def test_leaderboard_reads_the_same_in_pandas_polars_duckdb(experiment):
+    import duckdb
+    import polars as pl
+
+    path = experiment / "leaderboard.parquet"
+    pdf = pd.read_parquet(path)
+    plf = pl.read_parquet(path)
+    ddf = duckdb.sql(f"SELECT trial_id, status, {METRIC} FROM '{path}' ORDER BY rank").df()
+    assert plf["trial_id"].to_list() == pdf["trial_id"].tolist() == ddf["trial_id"].tolist()
+    assert plf.columns == list(pdf.columns)
+
+
+def test_leaderboard_command_and_trial_rerun(experiment, tmp_path):
+    assert run_cli("leaderboard", "--experiment", experiment, "--out", tmp_path / "lb.parquet", "--top", 3) == 0
+    assert len(pd.read_parquet(tmp_path / "lb.parquet")) == 6
+    best = pd.read_parquet(experiment / "leaderboard.parquet").iloc[0]
+    assert run_cli("train", "--from-trial", best["trial_dir"], "--out", tmp_path / "rerun") == 0
+    assert TrainConfig.load(tmp_path / "rerun" / "config.yaml") == TrainConfig.load(Path(best["trial_dir"]) / "config.yaml")
+
+
+@pytest.mark.parametrize("name", list_spaces())
+def test_every_space_samples_valid_configs(name):
+    space = get_space(name)
+    for preset in (None, "cpu", "gpu"):
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        for _ in range(8):
+            trial = study.ask()
+            params = sample_config(space, trial) if preset is None else space.sampler_fn(preset)(trial) or {}
+            params = {**trial.params, **params}
+            fixed = {k: v for k, v in {**space.fixed, **space.preset(preset or "cpu")}.items() if k in TrainConfig.__dataclass_fields__}
+            config = TrainConfig.from_dict({**fixed, **split_params(space, params), "pretrained": "none"})
+            assert config.model
+            study.tell(trial, 0.0)
+    assert space.dimensions(), name
+
+
+def test_unknown_space_lists_names_and_closest():
+    result = cli("--space", "densenet_finetun")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "custom_cnn" in result.stderr and "did you mean 'densenet_finetune'" in result.stderr
+    assert "densenet_finetune" in cli("spaces").stdout
+
+
+def test_user_space_file(tmp_path, tiny_data):
+    (tmp_path / "mine.py").write_text(
+        "from mura_tune.spaces import register_space\n"
+        "from optuna.distributions import FloatDistribution\n"
+        "register_space('mine', {'lr': FloatDistribution(1e-4, 1e-2, log=True)}, fixed={'model': 'custom_cnn'})\n")
+    space = get_space(str(tmp_path / "mine.py"))
+    assert space.name == "mine" and "lr" in space.dimensions()
+
+
+def test_bad_search_flags_are_one_line_errors(tiny_data, tmp_path):
+    for args, text in [(["--grace-period", "5", "--max-epochs", "2"], "--grace-period"),
+                       (["--reduction-factor", "1"], "--reduction-factor"),
+                       (["--body-part", "XR_KNEE"], "--body-part"),
+                       (["--set", "dropout=2"], "dropout must be in"),
+                       (["--resume", "--name", "nope"], "no experiment 'nope'")]:
+        result = cli("--space", "custom_cnn", "--data", tiny_data, "--results", tmp_path, *args)
+        assert result.returncode == 2 and text in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
