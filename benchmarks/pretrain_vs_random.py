@@ -58,30 +58,61 @@ def run(
     out = Path(out)
     table = assign_split(read_dataset(None).table, 0.2, 0)
     t0 = time.time()
-    weights = ensure_bodypart_weights(MODEL, data=None, image_size=image_size, split_seed=0,
-                                      epochs=pretrain_epochs or AUTO_EPOCHS)
+    weights = ensure_bodypart_weights(
+        MODEL, data=None, image_size=image_size, split_seed=0, epochs=pretrain_epochs or AUTO_EPOCHS
+    )
     info = json.loads(weights.with_suffix(".json").read_text())
     result = {
-        "pretrain": {"path": str(weights), "epochs": info["epochs"], "seconds": info["seconds"],
-                     "holdout_accuracy": info["holdout_accuracy"], "built_now_seconds": round(time.time() - t0, 1)},
-        "settings": {"model": MODEL, "epochs": epochs, "image_size": image_size, "unfreeze_blocks": unfreeze_blocks,
-                     "lr": lr, "threads": threads},
+        "pretrain": {
+            "path": str(weights),
+            "epochs": info["epochs"],
+            "seconds": info["seconds"],
+            "holdout_accuracy": info["holdout_accuracy"],
+            "built_now_seconds": round(time.time() - t0, 1),
+        },
+        "settings": {
+            "model": MODEL,
+            "epochs": epochs,
+            "image_size": image_size,
+            "unfreeze_blocks": unfreeze_blocks,
+            "lr": lr,
+            "threads": threads,
+        },
         "runs": [],
     }
     for seed in seeds:
         for arm, pretrained in (("bodypart", str(weights)), ("random", "none")):
-            config = TrainConfig(model=MODEL, pretrained=pretrained, unfreeze_blocks=unfreeze_blocks, image_size=image_size,
-                                 max_epochs=epochs, early_stop_patience=epochs, lr=lr, seed=seed, threads=threads)
+            config = TrainConfig(
+                model=MODEL,
+                pretrained=pretrained,
+                unfreeze_blocks=unfreeze_blocks,
+                image_size=image_size,
+                max_epochs=epochs,
+                early_stop_patience=epochs,
+                lr=lr,
+                seed=seed,
+                threads=threads,
+            )
             summary = run_training(config, table, out / f"{arm}-seed{seed}", verbose=False)
             val = summary["val"]
-            row = {"arm": arm, "seed": seed, "val_kappa_study": round(val.get("val_kappa_study", float("nan")), 3),
-                   "val_auc": round(val.get("val_auc", float("nan")), 3), "best_epoch": summary["best_epoch"],
-                   "weights_source": summary["weights_source"], "seconds": round(summary["wall_seconds"], 1)}
+            row = {
+                "arm": arm,
+                "seed": seed,
+                "val_kappa_study": round(val.get("val_kappa_study", float("nan")), 3),
+                "val_auc": round(val.get("val_auc", float("nan")), 3),
+                "best_epoch": summary["best_epoch"],
+                "weights_source": summary["weights_source"],
+                "seconds": round(summary["wall_seconds"], 1),
+            }
             result["runs"].append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     arms = {r["arm"] for r in result["runs"]}
-    result["mean"] = {arm: round(sum(r["val_kappa_study"] for r in result["runs"] if r["arm"] == arm)
-                                 / len(seeds), 3) for arm in sorted(arms)}
+    result["mean"] = {
+        arm: round(
+            sum(r["val_kappa_study"] for r in result["runs"] if r["arm"] == arm) / len(seeds), 3
+        )
+        for arm in sorted(arms)
+    }
     return result
 
 

@@ -94,16 +94,17 @@ def probability(net: MuraNet, x: torch.Tensor, tta_flip: bool = False) -> float:
     return float(torch.sigmoid(logit)[0])
 
 
+def jet(values: np.ndarray) -> np.ndarray:
+    """The classic jet colormap (blue, cyan, yellow, red) of values in [0, 1]: ``(..., 3)`` floats."""
+    v = np.asarray(values, dtype=np.float32)[..., None]
+    return np.clip(1.5 - np.abs(4.0 * v - np.array([3.0, 2.0, 1.0], dtype=np.float32)), 0.0, 1.0)
+
+
 def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = ALPHA) -> np.ndarray:
     """Blend a jet-coloured CAM over a grayscale image of any size: ``(H, W, 3)`` uint8."""
-    from matplotlib import colormaps
-
     h, w = gray.shape
-    heat = Image.fromarray(cam.astype(np.float32), mode="F").resize(
-        (w, h), Image.Resampling.BILINEAR
-    )
-    heat_arr = np.clip(np.asarray(heat), 0.0, 1.0)
-    colour = colormaps["jet"](heat_arr)[..., :3]
+    heat = Image.fromarray(cam.astype(np.float32), mode="F")
+    colour = jet(np.clip(np.asarray(heat.resize((w, h), Image.Resampling.BILINEAR)), 0.0, 1.0))
     base = np.repeat(gray[..., None].astype(np.float32) / 255.0, 3, axis=2)
     blended = (1.0 - alpha) * base + alpha * colour
     return (np.clip(blended, 0.0, 1.0) * 255).round().astype(np.uint8)

@@ -15,9 +15,47 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from mura_tune import __version__
 from mura_tune.errors import MuraTuneError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with our error format: one line naming the flag, no usage block, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"mura-tune: error: {message} (see `{self.prog} --help`)\n")
+
+
+def number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False,
+           high_open: bool = False):
+    """An argparse ``type`` that parses ``kind`` and checks the range, stating the rule and the value."""
+    lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+    hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+    if low is not None and high is not None:
+        rule = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    else:
+        rule = lo or hi
+    what = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what} {rule}, got {text!r}") from None
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high or value != value:  # nan fails every rule
+            raise argparse.ArgumentTypeError(f"must be {what} {rule}, got {text}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} {rule}"
+    return parse
+
+
+POSITIVE_INT = number(int, 1)
+FRACTION = number(float, 0, 1, low_open=True, high_open=True)
 
 COMMANDS = ("data", "train", "pretrain", "search", "spaces", "leaderboard", "ensemble", "evaluate", "predict", "report", "cam")
 
@@ -27,7 +65,7 @@ def _data_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mura-tune", description="Search, fine-tune and ensemble MURA radiograph classifiers.")
+    parser = Parser(prog="mura-tune", description="Search, fine-tune and ensemble MURA radiograph classifiers.")
     parser.add_argument("--version", action="version", version=f"mura-tune {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -36,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     p = dsub.add_parser("synth", help="write a synthetic dataset in the exact MURA-v1.1 layout")
     p.add_argument("--out", required=True, help="folder to create OUT/MURA-v1.1 in")
-    p.add_argument("--scale", type=float, default=0.02, help="fraction of MURA's patients (default 0.02)")
+    p.add_argument("--scale", type=number(float, 0, 1, low_open=True), default=0.02, help="fraction of MURA's patients (default 0.02)")
     p.add_argument("--size", type=int, default=256, help="long side of the images in px (default 256)")
     p.add_argument("--difficulty", type=float, default=0.5, help="0 = obvious findings, 1 = subtle (default 0.5)")
     p.add_argument("--seed", type=int, default=0)
@@ -48,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-image-check", action="store_true", help="do not decode every image")
     p = dsub.add_parser("split", help="patient-disjoint train/val split (+ the official valid set as test)")
     _data_arg(p)
-    p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=FRACTION, default=0.2)
+    p.add_argument("--seed", type=number(int, 0), default=0)
     p.add_argument("--out", required=True, help="FILE.parquet")
     p = dsub.add_parser("cache", help="decode every image once into the shared memory-mapped cache")
     _data_arg(p)
@@ -68,10 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     _data_arg(p)
     p.add_argument("--backbone", default="densenet121")
     p.add_argument("--task", default="body_part", choices=["body_part"])
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=POSITIVE_INT, default=3)
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=32)
+    p.add_argument("--lr", type=number(float, 0, low_open=True), default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="weights.safetensors")
 
@@ -83,16 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("leaderboard", help="(re)build and show an experiment's leaderboard")
     p.add_argument("--experiment", required=True, help="RESULTS/EXP")
     p.add_argument("--out", help="also write it to FILE.parquet")
-    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--top", type=POSITIVE_INT, default=10)
 
     p = sub.add_parser("ensemble", help="greedy ensemble selection on val, honest report on test")
     p.add_argument("--experiment", required=True, help="RESULTS/EXP")
     p.add_argument("--name", help="ensembles/NAME (default: the experiment's name)")
     p.add_argument("--out-root", default="ensembles")
-    p.add_argument("--max-size", type=int, default=25)
+    p.add_argument("--max-size", type=POSITIVE_INT, default=25)
     p.add_argument("--specialists", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--metric", choices=["kappa", "auc", "logloss"], default="kappa")
-    p.add_argument("--margin", type=float, default=0.02, help="a part's own ensemble must beat the generalist by this")
+    p.add_argument("--margin", type=number(float, 0), default=0.02, help="a part's own ensemble must beat the generalist by this")
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("evaluate", help="score a predictions file with bootstrap intervals")
@@ -123,13 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
 def add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", required=True, help="a registered space (see `mura-tune spaces`) or path/to/space.py")
     _data_arg(p)
-    p.add_argument("--num-samples", type=int, default=None, help="trials (default: the space's preset)")
-    p.add_argument("--max-epochs", type=int, default=None, help="ASHA max_t (default: the space's preset)")
-    p.add_argument("--grace-period", type=int, default=1)
-    p.add_argument("--reduction-factor", type=float, default=2)
-    p.add_argument("--max-concurrent", type=int, default=None, help="default: what the resources allow")
-    p.add_argument("--gpus-per-trial", type=float, default=None, help="fractions allowed; default 1 if CUDA, else 0")
-    p.add_argument("--cpus-per-trial", type=float, default=None, help="default: all cores on CPU, 4 with a GPU")
+    p.add_argument("--num-samples", type=POSITIVE_INT, default=None, help="trials (default: the space's preset)")
+    p.add_argument("--max-epochs", type=POSITIVE_INT, default=None, help="ASHA max_t (default: the space's preset)")
+    p.add_argument("--grace-period", type=POSITIVE_INT, default=1)
+    p.add_argument("--reduction-factor", type=number(float, 1, low_open=True), default=2)
+    p.add_argument("--max-concurrent", type=POSITIVE_INT, default=None, help="default: what the resources allow")
+    p.add_argument("--gpus-per-trial", type=number(float, 0), default=None, help="fractions allowed; default 1 if CUDA, else 0")
+    p.add_argument("--cpus-per-trial", type=number(float, 0, low_open=True), default=None, help="default: all cores on CPU, 4 with a GPU")
     p.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT")
     p.add_argument("--results", default="results", help="experiment storage (a folder shared by all nodes)")
     p.add_argument("--name", help="experiment name (default: <space>-<time>)")
@@ -138,20 +176,17 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--body-part", help="specialist search on one part (e.g. XR_WRIST)")
     g.add_argument("--specialists", action="store_true", help="generalist search plus one search per body part")
-    p.add_argument("--specialist-samples", type=int, default=None, help="trials per body part with --specialists")
+    p.add_argument("--specialist-samples", type=POSITIVE_INT, default=None, help="trials per body part with --specialists")
     p.add_argument("--preset", choices=["cpu", "gpu"], default=None, help="default: gpu if CUDA is visible, else cpu")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="fix a config field for every trial")
-    p.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial from its last checkpoint")
-    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--max-failures", type=number(int, 0), default=2, help="retries of a failed trial from its last checkpoint")
+    p.add_argument("--val-fraction", type=FRACTION, default=0.2)
     p.add_argument("--strict", action="store_true", help="fail on unreadable images instead of skipping them")
     p.add_argument("--random-search", action="store_true", help="baseline: random sampling and no early stopping")
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # `mura-tune --space X ...` is `mura-tune search --space X ...`.
-    if argv and not any(a in COMMANDS for a in argv) and any(a == "--space" or a.startswith("--space=") for a in argv):
-        argv = ["search", *argv]
+    argv = implicit_search(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -171,6 +206,27 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("mura-tune: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # A file the command had to read or write (permissions, a full disk, a path that is a
+        # folder): say which, in one line. OSErrors without a file name are bugs and keep their traceback.
+        if args.debug or exc.filename is None:
+            raise
+        where = exc.filename2 or exc.filename  # a rename into place names the destination second
+        print(f"mura-tune: error: {exc.strerror or type(exc).__name__}: {where}", file=sys.stderr)
+        return 2
+
+
+def implicit_search(argv: list[str]) -> list[str]:
+    """``mura-tune [--debug] --space X ...`` is ``mura-tune [--debug] search --space X ...``."""
+    i = 0
+    while i < len(argv) and argv[i] == "--debug":
+        i += 1
+    rest = argv[i:]
+    if rest and rest[0].startswith("--") and rest[0] not in ("--help", "--version") and any(
+        a == "--space" or a.startswith("--space=") for a in rest
+    ):
+        return [*argv[:i], "search", *rest]
+    return argv
 
 
 def print_json(obj) -> None:

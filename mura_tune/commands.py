@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 from mura_tune.cli import paths_written, print_json
-from mura_tune.errors import ConfigError, DataError, ExperimentError
+from mura_tune.errors import ConfigError, ExperimentError
 
 
 def dispatch(args) -> int:
@@ -71,11 +70,10 @@ def data_cache(args) -> int:
 
 # --- train / pretrain ---------------------------------------------------------------------------
 def train(args) -> int:
+    # Flags, config and data are checked before torch is imported: a typo fails in a second.
     from mura_tune.config import TrainConfig, parse_overrides
     from mura_tune.data.mura import read_dataset
     from mura_tune.data.split import assign_split, load_split, write_split
-    from mura_tune.train import run_training
-    from mura_tune.weights import resolve_auto
 
     split_path = Path(args.split) if args.split else None
     if args.from_trial:
@@ -94,7 +92,11 @@ def train(args) -> int:
         table = assign_split(read_dataset(args.data).table)
         write_split(table, out / "split.parquet")
     if config.pretrained == "auto":
+        from mura_tune.weights import resolve_auto
+
         config = config.updated({"pretrained": resolve_auto(config.model, data=args.data, image_size=config.image_size)})
+    from mura_tune.train import run_training
+
     summary = run_training(config, table, out, strict=args.strict)
     val, test = summary["val"], summary["test"]
     print(f"best epoch {summary['best_epoch']}: val_kappa_study {val.get('val_kappa_study', float('nan')):.3f}, "

@@ -70,6 +70,9 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(text)
 
+        for name, kind in _TYPES.items():  # types first: the range rules below compare values
+            value = getattr(self, name)
+            rule(_has_type(value, kind), f"{name} must be {_KIND_TEXT.get(kind, kind)}, got {value!r}")
         rule(self.model in MODELS, f"model must be one of {', '.join(MODELS)}, got {self.model!r}" + _closest(self.model, MODELS))
         for name in ("depth", "base_filters", "max_filters", "convs_per_cell", "image_size", "batch_size", "max_epochs"):
             value = getattr(self, name)
@@ -101,12 +104,19 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
-        """Build from a mapping; unknown keys are an error naming the closest field."""
+        """Build from a mapping; unknown keys are an error naming the closest field.
+
+        Raises:
+            ConfigError: an unknown key or a broken rule, prefixed with ``source`` (the file or flag).
+        """
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = [k for k in values if k not in names]
         if unknown:
             raise ConfigError(f"{source}: unknown key {unknown[0]!r}" + _closest(unknown[0], names))
-        return cls(**{k: _coerce(k, v) for k, v in values.items()}).validate()
+        try:
+            return cls(**{k: _coerce(k, v) for k, v in values.items()}).validate()
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
@@ -146,6 +156,28 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
 
 
 _TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+_KIND_TEXT = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+              "str | None": "a string or null", "list[int]": "a list of integers", "int | str": "an integer or a string"}
+
+
+def _has_type(value: Any, kind: str) -> bool:
+    """Whether ``value`` is of the field type ``kind`` (the annotation's text) after :func:`_coerce`."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if kind == "int":
+        return is_int
+    if kind == "float":
+        return is_int or isinstance(value, float)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "str | None":
+        return value is None or isinstance(value, str)
+    if kind == "list[int]":
+        return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if kind == "int | str":
+        return is_int or isinstance(value, str)
+    return True
 
 
 def _coerce(name: str, value: Any) -> Any:

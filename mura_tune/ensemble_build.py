@@ -33,6 +33,7 @@ from mura_tune.candidates import (
     load_split,
     read_candidates,
 )
+from mura_tune.constants import ERROR
 from mura_tune.ensemble import GreedyEnsemble, check_metric, maximise, score
 from mura_tune.errors import ConfigError, ExperimentError
 from mura_tune.evaluate import METRIC_NAMES, format_ci, score_studies
@@ -138,6 +139,26 @@ def select(
     )
     sel.recipe = [i for _, i in by_loss[:RECIPE_SIZE]]
     return sel
+
+
+def _check_finished(exp: Path) -> None:
+    """Raise a clear error when no trial of the experiment finished (e.g. every trial errored)."""
+    path = exp / "leaderboard.parquet"
+    if not path.is_file():
+        return  # read_candidates names the missing file
+    board = pd.read_parquet(path)
+    if "status" not in board.columns or len(board) == 0:
+        return
+    failed = board[board["status"] == ERROR]
+    if len(failed) == len(board):
+        first = failed.iloc[0]
+        reason = (
+            first.get("reason") if isinstance(first.get("reason"), str) else "no reason recorded"
+        )
+        raise ExperimentError(
+            f"no finished trial in {exp}: all {len(board)} trial(s) ended in ERROR "
+            f"(first: {first['trial_id']}: {reason})"
+        )
 
 
 def _finite(x: float) -> float | None:
@@ -325,6 +346,12 @@ def build_ensemble(
         raise ConfigError(f"--name must be a plain folder name, got {name!r}")
     out = Path(out_root).expanduser().resolve() / name
 
+    if not (exp / "leaderboard.parquet").is_file() and (exp / "trials").is_dir():
+        # A search killed before writing its leaderboard: build it from the trials' own files.
+        from mura_tune.leaderboard import build_leaderboard
+
+        build_leaderboard(exp)
+    _check_finished(exp)
     candidates, skipped = read_candidates(exp)
     if not specialists:
         candidates = [c for c in candidates if c.scope == GENERALIST]

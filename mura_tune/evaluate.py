@@ -25,7 +25,6 @@ import numpy as np
 import pandas as pd
 
 from mura_tune.errors import ConfigError, DataError
-from mura_tune.metrics import binary_metrics, bootstrap_intervals
 
 METRIC_NAMES = ("kappa", "auc", "accuracy", "sensitivity", "specificity")
 ROOT_MARK = "MURA-v1.1/"
@@ -38,6 +37,10 @@ def _num(x: float) -> float | None:
 
 
 def _block(labels: np.ndarray, probs: np.ndarray, n_boot: int, seed: int) -> dict:
+    # scikit-learn takes seconds to import: only once there is something to score, so that a
+    # malformed predictions file is reported at once.
+    from mura_tune.metrics import binary_metrics, bootstrap_intervals
+
     point = binary_metrics(labels, probs)
     ci = bootstrap_intervals(labels, probs, n_boot=n_boot, seed=seed)
     out: dict = {"n": int(len(labels)), "n_abnormal": int(np.sum(labels))}

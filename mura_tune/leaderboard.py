@@ -1,9 +1,10 @@
 """One Parquet leaderboard per experiment: a row per trial, sorted by the shared metric.
 
 Built from each trial's own files (``trials/<id>/trial.json``, ``summary.json``, ``metrics.parquet``,
-``error.json``) and from Ray's experiment state, read with Ray's own ``ExperimentAnalysis``,
-which says whether a trial finished, was stopped by ASHA, errored or is still pending.
-Works for finished, running and interrupted experiments alike.
+``error.json``) and from Ray's saved experiment state (read as JSON, without Ray and without
+unpickling anything), which says whether a trial finished, was stopped by ASHA, errored or is
+still pending. Works for finished, running, interrupted and killed experiments alike. Errored
+trials keep their reason but never a score: their val/test metrics are NaN and they rank last.
 """
 
 from __future__ import annotations
@@ -20,45 +21,81 @@ from mura_tune.errors import ExperimentError
 from mura_tune.io import write_parquet
 
 LEADERBOARD = "leaderboard.parquet"
+SPECIALISTS_DIR = "specialists"  # <exp>/specialists/<PART>/: the Ray folder of each specialist search
+RUNNING = "RUNNING"
 FIRST_COLUMNS = ["experiment", "trial_id", "space", "scope", "status", "reason", "epochs", "best_epoch", METRIC]
 
 
+def read_ray_state(folder: str | Path) -> dict[str, dict] | None:
+    """Ray's newest saved experiment state of one Ray experiment folder, read as plain JSON.
+
+    Returns ``trial_id -> {status, last_result, failures, error_file}`` (``None`` if Ray has not
+    saved a state there yet). The file also embeds cloudpickled objects; they are never
+    unpickled here, so reading a leaderboard cannot run code from the experiment folder.
+    """
+    files = sorted(Path(folder).glob("experiment_state-*.json"))  # Ray's own rule: the newest name
+    for path in reversed(files):
+        try:
+            trial_data = json.loads(path.read_text())["trial_data"]
+            states = {}
+            for trial_json, meta_json in trial_data:
+                trial, meta = json.loads(trial_json), json.loads(meta_json)
+                error_file = meta.get("error_filename")
+                states[trial["trial_id"]] = {
+                    "status": trial["status"], "last_result": meta.get("last_result") or {},
+                    "failures": int(meta.get("num_failures") or 0),
+                    "error_file": str(Path(folder) / trial.get("relative_logdir", "") / error_file) if error_file else None,
+                }
+            return states
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a state file cut short: fall back to the previous one
+    return None
+
+
 def _ray_trial_states(exp_dir: Path) -> dict[str, dict]:
-    """trial_id -> {status, last_result, node} from every Ray experiment folder of the experiment."""
-    import warnings
-
-    from ray.tune import ExperimentAnalysis
-
-    from mura_tune.tuning import SPECIALISTS_DIR
-
-    folders = [exp_dir] + sorted((exp_dir / SPECIALISTS_DIR).glob("*")) if (exp_dir / SPECIALISTS_DIR).exists() else [exp_dir]
+    """trial_id -> Ray's record, from every Ray experiment folder (main scope and specialists)."""
+    specialists = exp_dir / SPECIALISTS_DIR
+    folders = [exp_dir, *sorted(p for p in specialists.glob("*") if p.is_dir())]
     states: dict[str, dict] = {}
     for folder in folders:
-        if not list(folder.glob("experiment_state-*.json")):
-            continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            analysis = ExperimentAnalysis(str(folder))
-        for trial in analysis.trials:
-            states[trial.trial_id] = {"status": trial.status, "last_result": trial.last_result or {},
-                                      "error": bool(trial.error_file) or trial.status == "ERROR"}
+        states.update(read_ray_state(folder) or {})
     return states
 
 
+def _ray_error_line(state: dict) -> str | None:
+    """The last line of Ray's error.txt (e.g. ``ActorDiedError: ...`` when a node was lost)."""
+    try:
+        lines = [ln.strip() for ln in Path(state["error_file"]).read_text().splitlines() if ln.strip()]
+    except (OSError, TypeError):
+        return None
+    return lines[-1][:300] if lines else None
+
+
 def _status(ray_state: dict | None, summary: dict | None, error: dict | None) -> tuple[str, str | None]:
-    if error is not None or (summary or {}).get("status") == "diverged":
-        return ERROR, (error or {}).get("reason") or (summary or {}).get("reason")
-    if ray_state is not None:
-        if ray_state["error"]:
-            return ERROR, "trial errored (see Ray's error.txt)"
-        if ray_state["status"] in ("PENDING", "RUNNING", "PAUSED"):
-            return ray_state["status"], None
-        if ray_state["last_result"].get("trial_finished"):
-            return COMPLETED, None
-        return PRUNED, "stopped by ASHA"
-    if summary is not None and summary.get("status") in ("completed", "early_stopped"):
+    """(status, reason) of one trial from Ray's record and the trial's own files.
+
+    Ray's record decides whether a trial errored, is unfinished or was stopped by ASHA; the
+    trial's ``summary.json`` is written before Ray hears of the last epoch, so a final summary
+    means COMPLETED even if the driver stopped before Ray saved that. ``error.json`` of an
+    attempt that Ray retried successfully is not an error.
+    """
+    final = (summary or {}).get("status")
+    reason = (error or {}).get("reason") or (summary or {}).get("reason")
+    if final == "diverged":
+        return ERROR, reason
+    if ray_state is not None and ray_state["status"] == "ERROR":
+        return ERROR, reason or _ray_error_line(ray_state) or "trial failed (see Ray's error.txt)"
+    if final in ("completed", "early_stopped"):
         return COMPLETED, None
-    return PRUNED, "stopped before finishing"
+    if ray_state is None:
+        if error is not None:
+            return ERROR, reason
+        return RUNNING, "not in Ray's saved state (just started, or the driver stopped first; --resume re-runs it)"
+    if ray_state["status"] in ("PENDING", "RUNNING", "PAUSED"):
+        return ray_state["status"], None
+    if ray_state["last_result"].get("trial_finished"):
+        return COMPLETED, None
+    return PRUNED, "stopped by ASHA"
 
 
 def build_leaderboard(exp_dir: str | Path, write: bool = True) -> pd.DataFrame:
@@ -110,14 +147,22 @@ def build_leaderboard(exp_dir: str | Path, write: bool = True) -> pd.DataFrame:
         row["predictions_path"] = str(preds) if preds.exists() and status != ERROR else None
         row["wall_seconds"] = _float((summary or {}).get("wall_seconds", metrics["epoch_seconds"].sum() if metrics is not None and "epoch_seconds" in metrics else math.nan))
         row["device"] = (summary or {}).get("device")
-        row["node_id"] = meta.get("node_id")
+        row["trial_index"] = meta.get("index")  # N of Ray's trial name t<N>_<id>: creation order in its scope
+        row["node_id"] = meta.get("node_id")  # the Ray node of the last attempt
+        attempts = meta.get("attempts") or [{"node_id": meta.get("node_id")}]
+        row["attempts"] = len(attempts)
+        row["node_ids"] = ",".join(dict.fromkeys(str(a.get("node_id")) for a in attempts))
+        row["failures"] = int((ray_states.get(meta["trial_id"]) or {}).get("failures", 0))
         row["weights_source"] = (summary or {}).get("weights_source") or meta.get("weights_source")
         row["trial_dir"] = str(trial_dir)
         rows.append(row)
     board = _typed(pd.DataFrame(rows))
     if METRIC not in board:
         board[METRIC] = np.nan
-    board = board.sort_values(METRIC, ascending=MODE == "min", na_position="last", kind="stable").reset_index(drop=True)
+    # Errors rank last whatever they reported; then the metric, NaN last.
+    board["_error"] = board["status"] == ERROR
+    board = board.sort_values(["_error", METRIC], ascending=[True, MODE == "min"], na_position="last", kind="stable")
+    board = board.drop(columns="_error").reset_index(drop=True)
     board.insert(0, "rank", np.arange(1, len(board) + 1))
     ordered = ["rank"] + [c for c in FIRST_COLUMNS if c in board] + [c for c in board if c not in FIRST_COLUMNS and c != "rank"]
     board = board[ordered]

@@ -29,18 +29,18 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
-from mura_tune.augment import Normalize, to_unit
 from mura_tune.data.images import ImageReadError, letterbox, load_gray
 from mura_tune.errors import ConfigError, DataError, ExperimentError
 from mura_tune.io import write_parquet, write_text
-from mura_tune.metrics import study_table
-from mura_tune.train import load_checkpoint
+
+if TYPE_CHECKING:  # torch is imported where a model runs: a bad flag or folder fails in a second
+    import torch
 
 GENERALIST = "generalist"
 UNKNOWN_PART = "unknown"
@@ -123,6 +123,8 @@ def load_members(
     Returns:
         The members by checkpoint path, and the routes as ``[(checkpoint path, weight)]``.
     """
+    from mura_tune.train import load_checkpoint
+
     members: dict[Path, Member] = {}
     keyed: dict[str, list[tuple[Path, float]]] = {}
     for key, entries in routes.items():
@@ -211,7 +213,6 @@ def _route_of(parts: pd.Series, routes: dict) -> np.ndarray:
     return np.array([p if p in routes and p != GENERALIST else GENERALIST for p in parts])
 
 
-@torch.inference_mode()
 def image_probabilities(
     table: pd.DataFrame,
     members: dict[Path, Member],
@@ -224,6 +225,17 @@ def image_probabilities(
 
     Images are decoded once, letterboxed once per member input size, and run in batches.
     """
+    import torch
+
+    with torch.inference_mode():
+        return _image_probabilities(table, members, route, device, batch_size, progress)
+
+
+def _image_probabilities(table, members, route, device, batch_size, progress):
+    import torch
+
+    from mura_tune.augment import Normalize, to_unit
+
     n = len(table)
     probs = {path: np.full(n, np.nan, dtype=np.float32) for path in members}
     by_size: dict[int, list[Member]] = {}
@@ -232,7 +244,13 @@ def image_probabilities(
     normalize = Normalize().to(device)
     skipped: list[tuple[str, str]] = []
     paths = table["image_path"].tolist()
-    bar = tqdm(total=n, desc="predicting", unit="img", disable=not progress, file=sys.stderr)
+    bar = tqdm(
+        total=n,
+        desc="predicting",
+        unit="img",
+        file=sys.stderr,
+        disable=not progress or not sys.stderr.isatty(),
+    )
     for start in range(0, n, batch_size):
         idx, grays = [], []
         for i in range(start, min(start + batch_size, n)):
@@ -278,6 +296,8 @@ def combine(
     Returns:
         The study table (sorted by ``study_id``) and the ensemble's image probabilities.
     """
+    from mura_tune.metrics import study_table  # sklearn: imported only when there is work
+
     studies, image_prob = [], np.zeros(len(table))
     base = table[["study_id", "body_part"]].assign(label=np.int8(0))
     for key, entries in routes.items():
@@ -333,10 +353,12 @@ def predict_with_ensemble(
         )
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    manifest, manifest_path = read_ensemble_manifest(ensemble_dir)
+    import torch
+
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else device.replace("auto", "cpu")
     )
-    manifest, manifest_path = read_ensemble_manifest(ensemble_dir)
     routes = ensemble_routes(manifest)
     members, keyed = load_members(routes, manifest, manifest_path, dev)
     table, root = read_images(data)

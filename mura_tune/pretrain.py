@@ -70,8 +70,10 @@ def check_backbone(backbone: str) -> None:
     """Raise ConfigError unless ``backbone`` is a model mura-tune can build."""
     if backbone not in MODELS:
         match = difflib.get_close_matches(backbone, list(MODELS), n=1)
-        raise ConfigError(f"--backbone must be one of {', '.join(MODELS)}, got {backbone!r}"
-                          + (f" (did you mean {match[0]!r}?)" if match else ""))
+        raise ConfigError(
+            f"--backbone must be one of {', '.join(MODELS)}, got {backbone!r}"
+            + (f" (did you mean {match[0]!r}?)" if match else "")
+        )
 
 
 def check_out(out: str | Path) -> Path:
@@ -82,25 +84,36 @@ def check_out(out: str | Path) -> Path:
     return path
 
 
-def train_table(data: str | Path | None, val_fraction: float = 0.2, split_seed: int = 0) -> tuple[pd.DataFrame, Path]:
-    """The train-split rows of ``data`` (same split as a search with this fraction and seed) and the dataset root."""
-    from mura_tune.data.mura import read_dataset
-    from mura_tune.data.split import assign_split
+def train_table(
+    data: str | Path | None = None,
+    val_fraction: float = 0.2,
+    split_seed: int = 0,
+    split_table: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """The ``train`` rows of ``split_table``, or of ``data`` split as a search with this fraction and seed splits it."""
+    if split_table is None:
+        from mura_tune.data.mura import read_dataset
+        from mura_tune.data.split import assign_split
 
-    dataset = read_dataset(data)
-    table = assign_split(dataset.table, val_fraction, split_seed)
-    return table[table["split"] == "train"].reset_index(drop=True), Path(dataset.root)
+        split_table = assign_split(read_dataset(data).table, val_fraction, split_seed)
+    elif "split" not in split_table.columns:
+        raise DataError("the split table given for pretraining has no 'split' column")
+    return split_table[split_table["split"] == "train"].reset_index(drop=True)
 
 
-def data_hash(train: pd.DataFrame, root: Path) -> str:
-    """sha256 of the sorted train images (path relative to the dataset root, byte size, body part)."""
+def data_hash(train: pd.DataFrame) -> str:
+    """sha256 of the sorted train images (path relative to their common folder, byte size, body part).
+
+    Relative paths keep the hash (and so the cached ``auto`` weights) when the dataset is moved.
+    """
+    root = os.path.commonpath(list(train["image_path"])) if len(train) else ""
     digest = hashlib.sha256(f"{TASK}\n".encode())
     for path, part in sorted(zip(train["image_path"], train["body_part"])):
         try:
             size = os.stat(path).st_size
         except OSError:
             size = -1
-        digest.update(f"{os.path.relpath(path, root)}|{size}|{part}\n".encode())
+        digest.update(f"{os.path.relpath(path, root) if root else path}|{size}|{part}\n".encode())
     return digest.hexdigest()
 
 
@@ -116,21 +129,32 @@ def holdout_mask(train: pd.DataFrame, fraction: float, seed: int) -> np.ndarray:
 
 def _subset(cache: ImageCache, table: pd.DataFrame, classes: list[str]) -> SplitData:
     labels = torch.tensor([classes.index(p) for p in table["body_part"]], dtype=torch.long)
-    return SplitData(cache.rows(table["image_path"]), labels, torch.ones(len(table)), table.reset_index(drop=True))
+    return SplitData(
+        cache.rows(table["image_path"]),
+        labels,
+        torch.ones(len(table)),
+        table.reset_index(drop=True),
+    )
 
 
-def _accuracy(net: nn.Module, cache: ImageCache, split: SplitData, normalize: nn.Module, batch_size: int) -> float:
+def _accuracy(
+    net: nn.Module, cache: ImageCache, split: SplitData, normalize: nn.Module, batch_size: int
+) -> float:
     if len(split) == 0:
         return math.nan
     net.eval()
     correct = 0
     with torch.inference_mode():
-        for images, labels, _, _ in batch_loader(cache, split, batch_size * 2, shuffle=False, seed=0):
+        for images, labels, _, _ in batch_loader(
+            cache, split, batch_size * 2, shuffle=False, seed=0
+        ):
             correct += int((net(normalize(to_unit(images))).argmax(1) == labels).sum())
     return correct / len(split)
 
 
-def save_backbone(state: dict[str, torch.Tensor], out: Path, metadata: dict[str, str] | None = None) -> Path:
+def save_backbone(
+    state: dict[str, torch.Tensor], out: Path, metadata: dict[str, str] | None = None
+) -> Path:
     """Write a backbone state dict atomically as ``.safetensors`` or ``.pth`` (by suffix)."""
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     with atomic_path(out, suffix=out.suffix) as tmp:
@@ -154,6 +178,7 @@ def pretrain_bodypart(
     seed: int = 0,
     val_fraction: float = 0.2,
     split_seed: int | None = None,
+    split_table: pd.DataFrame | None = None,
     threads: int = 0,
     workers: int | None = None,
     cache_root: Path | None = None,
@@ -173,6 +198,8 @@ def pretrain_bodypart(
         seed: seeds weights, shuffling, augmentation and the held-out patients.
         val_fraction: the val share of the split whose ``train`` part is used.
         split_seed: seed of that split (default: ``seed``); match the experiment's ``--seed``.
+        split_table: an experiment's split manifest to take the ``train`` rows from instead
+            (``val_fraction``/``split_seed`` are then unused).
         threads: CPU threads for torch (0: ``OMP_NUM_THREADS`` or all cores).
         workers: image-decoding processes for the cache (default: all cores).
         cache_root: where the decoded cache lives (default ``$MURA_TUNE_HOME/cache``).
@@ -189,26 +216,42 @@ def pretrain_bodypart(
     started = time.time()
     check_backbone(backbone)
     out = check_out(out)
-    config = TrainConfig(model=backbone, image_size=image_size, batch_size=batch_size, max_epochs=epochs, lr=lr,
-                         seed=seed, pretrained="none", unfreeze_blocks="all")
+    config = TrainConfig(
+        model=backbone,
+        image_size=image_size,
+        batch_size=batch_size,
+        max_epochs=epochs,
+        lr=lr,
+        seed=seed,
+        pretrained="none",
+        unfreeze_blocks="all",
+    )
     try:
         config.validate()
     except ConfigError as exc:
         raise ConfigError(f"pretrain: {exc}") from None
     split_seed = seed if split_seed is None else split_seed
-    train, root = train_table(data, val_fraction, split_seed)
+    train = train_table(data, val_fraction, split_seed, split_table)
     classes = sorted(train["body_part"].astype(str).unique())
     if len(classes) < 2:
-        raise DataError(f"body-part pretraining needs at least 2 body parts in the train split, found {classes}")
+        raise DataError(
+            f"body-part pretraining needs at least 2 body parts in the train split, found {classes}"
+        )
 
     # Only train paths reach the decoder: val/test images are never opened.
-    cache = build_cache(train["image_path"].tolist(), image_size, root=cache_root, workers=workers, progress=verbose)
-    usable = train[~train["image_path"].isin(set(cache.unreadable["image_path"]))].reset_index(drop=True)
+    cache = build_cache(
+        train["image_path"].tolist(), image_size, root=cache_root, workers=workers, progress=verbose
+    )
+    usable = train[~train["image_path"].isin(set(cache.unreadable["image_path"]))].reset_index(
+        drop=True
+    )
     held = holdout_mask(usable, HOLDOUT_FRACTION, seed)
     fit, holdout = _subset(cache, usable[~held], classes), _subset(cache, usable[held], classes)
 
     torch.manual_seed(seed)
-    torch.set_num_threads(threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1)
+    torch.set_num_threads(
+        threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1
+    )
     from mura_tune.models import build_model
 
     body = build_model(config).backbone
@@ -216,17 +259,24 @@ def pretrain_bodypart(
     normalize = Normalize()
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     steps = epochs * math.ceil(len(fit) / batch_size)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
     generator = torch.Generator().manual_seed(seed)
     if verbose:
-        print(f"mura-tune: pretraining {backbone} on body parts ({len(classes)} classes) at {image_size}px: "
-              f"{len(fit)} train-split images, {len(holdout)} held out (val/test never read)", file=sys.stderr)
+        print(
+            f"mura-tune: pretraining {backbone} on body parts ({len(classes)} classes) at {image_size}px: "
+            f"{len(fit)} train-split images, {len(holdout)} held out (val/test never read)",
+            file=sys.stderr,
+        )
     train_acc = math.nan
     for epoch in range(epochs):
         t0 = time.time()
         net.train()
         loss_sum, correct, seen = 0.0, 0, 0
-        for images, labels, _, _ in batch_loader(cache, fit, batch_size, shuffle=True, seed=seed * 1000 + epoch):
+        for images, labels, _, _ in batch_loader(
+            cache, fit, batch_size, shuffle=True, seed=seed * 1000 + epoch
+        ):
             logits = net(normalize(augment(to_unit(images), AUG_STRENGTH, generator)))
             loss = F.cross_entropy(logits, labels)
             optimizer.zero_grad(set_to_none=True)
@@ -238,21 +288,29 @@ def pretrain_bodypart(
             seen += len(labels)
         train_acc = correct / max(seen, 1)
         if not math.isfinite(loss_sum):
-            raise DataError(f"body-part pretraining diverged at epoch {epoch + 1} (loss {loss_sum}); lower --lr")
+            raise ConfigError(
+                f"body-part pretraining diverged at epoch {epoch + 1} (loss {loss_sum}); lower --lr"
+            )
         if verbose:
-            print(f"pretrain epoch {epoch + 1}/{epochs}  loss {loss_sum / max(seen, 1):.4f}  train_acc {train_acc:.3f}  "
-                  f"({time.time() - t0:.1f}s)", file=sys.stderr, flush=True)
+            print(
+                f"pretrain epoch {epoch + 1}/{epochs}  loss {loss_sum / max(seen, 1):.4f}  train_acc {train_acc:.3f}  "
+                f"({time.time() - t0:.1f}s)",
+                file=sys.stderr,
+                flush=True,
+            )
     holdout_acc = _accuracy(net, cache, holdout, normalize, batch_size)
 
     info = {
         "backbone": backbone,
         "task": TASK,
         "classes": classes,
-        "data": str(root),
-        "data_hash": data_hash(train, root),
+        "data": "embedded" if data is None else str(data),
+        "data_hash": data_hash(train),
         "cache_key": cache.path.name,
         "splits": ["train"],
-        "split": {"val_fraction": val_fraction, "seed": split_seed},
+        "split": {"val_fraction": val_fraction, "seed": split_seed}
+        if split_table is None
+        else "given split table",
         "holdout": {"fraction_of_train_patients": HOLDOUT_FRACTION, "images": len(holdout)},
         "n_images": len(fit),
         "epochs": epochs,
@@ -262,16 +320,27 @@ def pretrain_bodypart(
         "seed": seed,
         "holdout_accuracy": holdout_acc,
         "train_accuracy": train_acc,
-        "architecture": {k: getattr(config, k) for k in ("depth", "base_filters", "max_filters", "convs_per_cell", "batch_norm")}
-        if backbone == CUSTOM_CNN else None,
+        "architecture": {
+            k: getattr(config, k)
+            for k in ("depth", "base_filters", "max_filters", "convs_per_cell", "batch_norm")
+        }
+        if backbone == CUSTOM_CNN
+        else None,
         "seconds": round(time.time() - started, 1),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    save_backbone(net.backbone.state_dict(), out, metadata={"backbone": backbone, "task": TASK, "data_hash": info["data_hash"]})
+    save_backbone(
+        net.backbone.state_dict(),
+        out,
+        metadata={"backbone": backbone, "task": TASK, "data_hash": info["data_hash"]},
+    )
     write_json(out.with_suffix(".json"), info)
     if verbose:
-        print(f"mura-tune: body-part accuracy {holdout_acc:.3f} on {len(holdout)} held-out train-split images; "
-              f"weights {out} ({info['seconds']:.0f}s)", file=sys.stderr)
+        print(
+            f"mura-tune: body-part accuracy {holdout_acc:.3f} on {len(holdout)} held-out train-split images; "
+            f"weights {out} ({info['seconds']:.0f}s)",
+            file=sys.stderr,
+        )
     return out, info
 
 
@@ -287,6 +356,7 @@ def ensure_bodypart_weights(
     verbose: bool = True,
     val_fraction: float = 0.2,
     split_seed: int = 0,
+    split_table: pd.DataFrame | None = None,
     epochs: int = AUTO_EPOCHS,
 ) -> Path:
     """Body-part-pretrained weights for ``model`` on ``data``'s train split, built once (safe across processes).
@@ -298,14 +368,16 @@ def ensure_bodypart_weights(
         verbose: print what happens to stderr.
         val_fraction: the experiment's ``--val-fraction`` (only its train split is used).
         split_seed: the experiment's ``--seed``.
+        split_table: the experiment's split manifest (overrides ``val_fraction``/``split_seed``).
         epochs: pretraining epochs when the weights have to be built.
 
     Returns:
         The ``.safetensors`` path (its ``.json`` description beside it).
     """
     check_backbone(model)
-    train, root = train_table(data, val_fraction, split_seed)
-    path = bodypart_weights_path(model, data_hash(train, root), image_size)
+    path = bodypart_weights_path(
+        model, data_hash(train_table(data, val_fraction, split_seed, split_table)), image_size
+    )
     done = path.with_suffix(".json")
     if path.exists() and done.exists():
         return path
@@ -314,7 +386,20 @@ def ensure_bodypart_weights(
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder waits here, then finds it built
         if not (path.exists() and done.exists()):
             if verbose:
-                print(f"mura-tune: building body-part-pretrained {model} weights into {path} (once)", file=sys.stderr)
-            pretrain_bodypart(model, data=data, out=path, epochs=epochs, image_size=image_size, seed=split_seed,
-                              val_fraction=val_fraction, split_seed=split_seed, verbose=verbose)
+                print(
+                    f"mura-tune: building body-part-pretrained {model} weights into {path} (once)",
+                    file=sys.stderr,
+                )
+            pretrain_bodypart(
+                model,
+                data=data,
+                out=path,
+                epochs=epochs,
+                image_size=image_size,
+                seed=split_seed,
+                val_fraction=val_fraction,
+                split_seed=split_seed,
+                split_table=split_table,
+                verbose=verbose,
+            )
     return path

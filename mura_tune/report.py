@@ -29,6 +29,8 @@ from mura_tune.errors import ExperimentError
 from mura_tune.io import atomic_path, write_text
 
 TOP_N = 20
+BOARD_COLUMNS = ("rank", "trial_id", "scope", "status", "epochs", METRIC, "val_auc", "val_loss")
+BOARD_COLUMNS += ("test_kappa_study",)
 N_BOOT = 1000
 #: Study-level Cohen's kappa on MURA's hidden test set, Rajpurkar et al. 2017, "MURA: Large Dataset
 #: for Abnormality Detection in Musculoskeletal Radiographs" (arXiv:1712.06957), Table 2:
@@ -113,17 +115,8 @@ def write_report(
 
     ctx = _load(experiment, ensemble, out)
     body = [_header(ctx)]
-    steps = [
-        _leaderboard,
-        _learning_curves,
-        _wall_time,
-        _importance,
-        _roc,
-        _body_parts,
-        _ensemble,
-        _routing,
-        _cams,
-    ]
+    steps = [_leaderboard, _learning_curves, _wall_time, _importance, _roc, _body_parts]
+    steps += [_ensemble, _routing, _cams]
     for step, (key, title) in tqdm(
         list(zip(steps, SECTIONS.items())), desc="report", unit="section", file=sys.stderr
     ):
@@ -157,17 +150,8 @@ def _load(experiment: str | Path, ensemble: str | Path | None, out: str | Path |
         from mura_tune.leaderboard import build_leaderboard
 
         board = build_leaderboard(exp)
-    plan = (
-        json.loads((exp / "experiment.json").read_text())
-        if (exp / "experiment.json").is_file()
-        else {}
-    )
-    ctx = _Ctx(
-        exp=exp,
-        out=Path(out).expanduser().resolve() if out else exp / "report",
-        board=board,
-        plan=plan,
-    )
+    out_dir = Path(out).expanduser().resolve() if out else exp / "report"
+    ctx = _Ctx(exp=exp, out=out_dir, board=board, plan=_json(exp / "experiment.json"))
     ctx.out.mkdir(parents=True, exist_ok=True)
     if ensemble is not None:
         ens = Path(ensemble).expanduser().resolve()
@@ -204,6 +188,10 @@ def _trial_metrics(board: pd.DataFrame) -> dict[str, pd.DataFrame]:
             if METRIC in frame and len(frame):
                 out[row.trial_id] = frame
     return out
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _test_studies(predictions: str | Path) -> pd.DataFrame:
@@ -255,31 +243,18 @@ def _header(ctx: _Ctx) -> str:
 
 # --- sections --------------------------------------------------------------------------------------
 def _leaderboard(ctx: _Ctx) -> str:
-    cols = [
-        "rank",
-        "trial_id",
-        "scope",
-        "status",
-        "epochs",
-        METRIC,
-        "val_auc",
-        "val_loss",
-        "test_kappa_study",
-    ]
     hp = [c for c in ctx.board.columns if c.startswith("hp_")]
-    top = (
-        ctx.board[[c for c in cols if c in ctx.board] + hp]
-        .head(TOP_N)
-        .rename(columns={c: c[3:] for c in hp})
-    )
+    cols = [c for c in BOARD_COLUMNS if c in ctx.board] + hp
+    top = ctx.board[cols].head(TOP_N).rename(columns={c: c[3:] for c in hp})
     return f"<p>Top {len(top)} of {len(ctx.board)} trials by {METRIC} (val).</p>\n" + _table(top)
 
 
 def _rungs(ctx: _Ctx) -> list[int]:
+    plan = ctx.plan
     grace, factor, top = (
-        ctx.plan.get("grace_period"),
-        ctx.plan.get("reduction_factor"),
-        ctx.plan.get("max_epochs"),
+        plan.get("grace_period"),
+        plan.get("reduction_factor"),
+        plan.get("max_epochs"),
     )
     if not (grace and factor and top) or ctx.plan.get("random_search"):
         return []
@@ -339,22 +314,12 @@ def _wall_time(ctx: _Ctx) -> str:
     events, starts = [], []
     for trial_id, frame in ctx.metrics.items():
         trial_dir = ctx.exp / "trials" / trial_id
-        meta = (
-            json.loads((trial_dir / "trial.json").read_text())
-            if (trial_dir / "trial.json").is_file()
-            else {}
-        )
+        meta, summary = _json(trial_dir / "trial.json"), _json(trial_dir / "summary.json")
         if "started" not in meta or "epoch_seconds" not in frame:
             continue
         secs = frame["epoch_seconds"].fillna(0).to_numpy(dtype=float)
-        summary = trial_dir / "summary.json"
-        setup = (
-            0.0  # data loading and model building before epoch 1, known once the trial has finished
-        )
-        if summary.is_file():
-            setup = max(
-                0.0, float(json.loads(summary.read_text()).get("wall_seconds") or 0.0) - secs.sum()
-            )
+        # Data loading and model building before epoch 1: known once the trial has finished.
+        setup = max(0.0, float(summary.get("wall_seconds") or 0.0) - secs.sum()) if summary else 0.0
         ends = meta["started"] + setup + np.cumsum(secs)
         starts.append(meta["started"])
         events += [

@@ -14,6 +14,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -24,9 +27,12 @@ from typing import Any
 
 from mura_tune.constants import BODY_PARTS, METRIC, MODE, TIME_ATTR
 from mura_tune.errors import ConfigError, ExperimentError
+from mura_tune.leaderboard import SPECIALISTS_DIR, read_ray_state
 
 EXPERIMENT_FILE = "experiment.json"
-SPECIALISTS_DIR = "specialists"
+ORPHANED_DIR = "orphaned"  # trials a killed driver started but Ray never recorded (re-run on --resume)
+URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
 REPORT_COLUMNS = [METRIC, "val_auc", "val_loss", "train_loss", "epoch"]
 
 
@@ -76,7 +82,13 @@ class SearchPlan:
 
 # --- the trainable (runs in Ray workers) -----------------------------------------------------------
 def trial_main(params: dict, ctx: dict) -> None:
-    """Ray trainable: one trial = one :func:`run_training` with per-epoch ``tune.report``."""
+    """Ray trainable: one trial = one :func:`run_training` with per-epoch ``tune.report``.
+
+    Every attempt (first run, retry after a failure, restart after ``--resume``) continues from
+    the trial's last Ray checkpoint and appends itself to ``trial.json["attempts"]``. A trial
+    that already finished (its final ``summary.json`` matches the checkpoint) returns at once,
+    leaving its files untouched.
+    """
     import pandas as pd
     import ray
     import torch
@@ -87,30 +99,49 @@ def trial_main(params: dict, ctx: dict) -> None:
     from mura_tune.spaces import get_space, split_params
     from mura_tune.train import TrialDiverged, run_training
 
-    trial_id = tune.get_context().get_trial_id()
+    context = tune.get_context()
+    trial_id = context.get_trial_id()
+    index = trial_index(context.get_trial_name())
     out = Path(ctx["exp_dir"]) / "trials" / trial_id
     out.mkdir(parents=True, exist_ok=True)
     node_id = ray.get_runtime_context().get_node_id()
-    space = get_space(ctx["space"])
-    config = TrainConfig.from_dict({**ctx["fixed"], **split_params(space, params)}, source=f"trial {trial_id}")
-    if ctx["cpus_per_trial"] and config.device in ("auto", "cpu") and not torch.cuda.is_available():
-        config = config.updated({"threads": max(1, int(ctx["cpus_per_trial"]))})
-    meta = {"trial_id": trial_id, "experiment": ctx["name"], "space": ctx["space"], "scope": ctx["scope"],
-            "params": params, "node_id": node_id, "weights_source": ctx.get("weights_source"), "started": time.time()}
-    write_json(out / "trial.json", meta)
-
-    summary_path = out / "summary.json"
-    if summary_path.exists() and json.loads(summary_path.read_text()).get("status") == "diverged":
-        raise TrialDiverged(json.loads(summary_path.read_text()).get("reason"))  # a retry would diverge again
 
     resume_state = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             resume_state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+    summary = _read_json(out / "summary.json") or {}
+    if summary.get("status") == "diverged":
+        raise TrialDiverged(summary.get("reason"))  # a retry would diverge again
+    if summary.get("status") in ("completed", "early_stopped"):
+        # Finished before the driver stopped: keep its files untouched. If Ray missed the last
+        # epoch's report (killed in between), report it now so ASHA and TPE learn how it ended.
+        if resume_state is None or resume_state["epoch"] < summary.get("epochs", 0):
+            last = json.loads(pd.read_parquet(out / "metrics.parquet").iloc[-1].to_json())
+            tune.report({**{k: v for k, v in last.items() if v is not None}, "node_id": node_id})
+        return
+
+    space = get_space(ctx["space"])
+    config = TrainConfig.from_dict({**ctx["fixed"], **split_params(space, params)}, source=f"trial {trial_id}")
+    if ctx["cpus_per_trial"] and config.device in ("auto", "cpu") and not torch.cuda.is_available():
+        config = config.updated({"threads": max(1, int(ctx["cpus_per_trial"]))})
+    fault = _fault(ctx, index)
+    if fault and fault[0] == "nan":
+        config = config.updated({"lr": float("inf")}, source="MURA_TUNE_FAULT=nan")  # the loss becomes NaN
+    previous = _read_json(out / "trial.json") or {}
+    last_error = _read_json(out / "error.json")
+    attempt = {"node_id": node_id, "started": time.time(), "resumed_from_epoch": resume_state["epoch"] if resume_state else 0,
+               "previous_error": (last_error or {}).get("reason")}
+    meta = {"trial_id": trial_id, "index": index, "experiment": ctx["name"], "space": ctx["space"], "scope": ctx["scope"],
+            "params": params, "node_id": node_id, "weights_source": ctx.get("weights_source"),
+            "started": previous.get("started", attempt["started"]), "attempts": [*previous.get("attempts", []), attempt]}
+    write_json(out / "trial.json", meta)
+    (out / "error.json").unlink(missing_ok=True)  # an earlier attempt's error; this attempt may succeed
 
     def on_epoch(metrics: dict, state: dict) -> None:
-        _maybe_inject_fault(ctx, trial_id, metrics["epoch"])
+        if fault and fault[0] != "nan" and metrics["epoch"] == fault[1]:
+            _inject(fault[0])
         report = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
         report["node_id"] = node_id
         with tempfile.TemporaryDirectory() as d:
@@ -126,19 +157,67 @@ def trial_main(params: dict, ctx: dict) -> None:
         raise
 
 
-def _maybe_inject_fault(ctx: dict, trial_id: str, epoch: int) -> None:
-    """Test hook: ``MURA_TUNE_FAULT=kind@epoch`` (kind raise|oom) for trials listed by index."""
-    fault = ctx.get("fault")
-    if not fault:
-        return
-    kind, _, at = fault.partition("@")
-    if epoch != int(at or 1) or (ctx.get("fault_trials") and trial_id[-5:].lstrip("0") not in ctx["fault_trials"]):
-        return
-    import torch
+FAULT_KINDS = ("raise", "oom", "nan")
 
+
+def _fault(ctx: dict, index: int | None) -> tuple[str, int] | None:
+    """Test hook: the fault this trial must simulate, if any.
+
+    ``MURA_TUNE_FAULT=KIND@EPOCH`` makes trials fail after that epoch's training, before the
+    epoch is reported: ``raise`` (a RuntimeError), ``oom`` (``torch.OutOfMemoryError``) or
+    ``nan`` (the learning rate becomes inf, so the loss is NaN in epoch 1 and run_training
+    stops the trial as diverged; EPOCH is ignored). ``MURA_TUNE_FAULT_TRIALS=1,3`` limits it to
+    those trials, numbered 1, 2, ... in the order the searcher created them (``t<N>_<id>``
+    in Ray's trial names); without it every trial fails. Several faults at once:
+    ``MURA_TUNE_FAULT=1:raise@1,2:nan,3:oom@2`` (trial N: fault). Read by the driver.
+    """
+    spec = ctx.get("fault")
+    if not spec:
+        return None
+    faults = parse_faults(spec)
+    if index in faults:
+        return faults[index]
+    if None in faults and (not ctx.get("fault_trials") or index in ctx["fault_trials"]):
+        return faults[None]
+    return None
+
+
+def parse_faults(spec: str) -> dict[int | None, tuple[str, int]]:
+    """``"raise@1"`` -> {None: ("raise", 1)}; ``"1:raise@1,2:nan"`` -> {1: ("raise", 1), 2: ("nan", 1)}."""
+    faults: dict[int | None, tuple[str, int]] = {}
+    for item in spec.split(","):
+        who, _, what = item.strip().rpartition(":")
+        kind, _, at = what.partition("@")
+        if kind not in FAULT_KINDS or not (at or "1").isdigit() or (who and not who.isdigit()):
+            raise ConfigError(f"MURA_TUNE_FAULT must be [TRIAL:]KIND[@EPOCH],... with KIND one of "
+                              f"{', '.join(FAULT_KINDS)}, got {spec!r}")
+        faults[int(who) if who else None] = (kind, int(at or 1))
+    return faults
+
+
+def _inject(kind: str) -> None:
     if kind == "oom":
+        import torch
+
         raise torch.OutOfMemoryError("CUDA out of memory (injected by MURA_TUNE_FAULT)")
     raise RuntimeError("trial failure injected by MURA_TUNE_FAULT")
+
+
+def trial_name(trial) -> str:
+    """``t<N>_<trial_id>``: N is the trial's 1-based creation order in its scope (Ray's counter)."""
+    return f"t{trial.experiment_tag.split('_', 1)[0]}_{trial.trial_id}"
+
+
+def trial_index(name: str) -> int | None:
+    head = name.split("_", 1)[0]
+    return int(head[1:]) if head[:1] == "t" and head[1:].isdigit() else None
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def trial_dirname(trial) -> str:
@@ -157,26 +236,49 @@ def _searcher_class():
         stopped after one epoch would count as a finished trial with its 1-epoch score. Our
         trainable reports ``trial_finished`` on its last epoch; a trial that ends without it
         was stopped by the scheduler and is told to Optuna as PRUNED (its intermediate values
-        were reported every epoch). Errors are FAIL, never a score.
+        were reported every epoch). Errors and non-finite values are FAIL, never a score.
+        Each Optuna trial records its Ray trial id (user attribute ``ray_trial_id``), so a
+        resumed search can tell which Optuna trials the killed driver left behind. Telling an
+        Optuna trial that is already finished (possible after a driver crash) is a no-op.
         """
+
+        def suggest(self, trial_id: str):
+            config = super().suggest(trial_id)
+            ot_trial = self._ot_trials.get(trial_id)
+            if ot_trial is not None and ot_trial.user_attrs.get("ray_trial_id") != trial_id:
+                ot_trial.set_user_attr("ray_trial_id", trial_id)  # also re-points a re-queued trial
+            return config
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if trial_id in self._ot_trials and not self._finished_in_storage(trial_id):
+                value = result.get(self.metric)
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    super().on_trial_result(trial_id, result)
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
             if trial_id in self._completed_trials or trial_id not in self._ot_trials:
                 return
+            self._completed_trials.add(trial_id)
+            if self._finished_in_storage(trial_id):
+                return
             ot_trial = self._ot_trials[trial_id]
-            value = (result or {}).get(self.metric)
-            step = (result or {}).get(TIME_ATTR)
-            if not error and value is not None and step is not None and math.isfinite(value):
+            result = result or {}
+            value, step = result.get(self.metric), result.get(TIME_ATTR)
+            finite = isinstance(value, (int, float)) and math.isfinite(value)
+            if not error and finite and step is not None:
                 # Ray hands the final result only to on_trial_complete: record it as the last rung value.
                 ot_trial.report(value, step)
-            if error or value is None or (isinstance(value, float) and math.isnan(value)):
+            if error or not finite:
                 state, value = TrialState.FAIL, None
             elif result.get("trial_finished"):
                 state = TrialState.COMPLETE
             else:
                 state, value = TrialState.PRUNED, None
-            self._ot_study.tell(ot_trial, value, state=state)
-            self._completed_trials.add(trial_id)
+            self._ot_study.tell(ot_trial, value, state=state, skip_if_finished=True)
+
+        def _finished_in_storage(self, trial_id: str) -> bool:
+            ot_trial = self._ot_trials[trial_id]
+            return self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished()
 
     return MuraOptunaSearch
 
@@ -243,7 +345,7 @@ def plan_search(args) -> SearchPlan:
     if args.specialists:
         per_part = args.specialist_samples or max(2, num_samples // 4)
         scopes.update({part: per_part for part in BODY_PARTS})
-    results = Path(args.results).expanduser().resolve()
+    results = results_dir(args.results)
     name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     _check("/" not in name and name not in ("", ".", ".."), f"--name must be a plain folder name, got {name!r}")
     return SearchPlan(
@@ -254,6 +356,19 @@ def plan_search(args) -> SearchPlan:
         data=str(Path(args.data).expanduser().resolve()) if args.data else None, max_failures=args.max_failures,
         strict=args.strict, random_search=args.random_search, address=args.address,
     )
+
+
+def results_dir(results: str) -> Path:
+    """``--results`` as an absolute folder. Cloud URIs are refused: trials write their checkpoints,
+    metrics and predictions straight to this path, so it must be a filesystem every node mounts.
+
+    Raises:
+        ConfigError: ``results`` is a URI (``s3://``, ``gs://``, ...).
+    """
+    if URI.match(str(results)):
+        raise ConfigError(f"--results {results}: cloud URIs are not supported; trials write their files directly, "
+                          "so --results must be a folder on a filesystem shared by every node (e.g. NFS)")
+    return Path(results).expanduser().resolve()
 
 
 def _check(ok: bool, message: str) -> None:
@@ -308,6 +423,11 @@ def _space_models(plan: SearchPlan) -> list[str]:
 
 
 def init_ray(address: str | None):
+    """Start a private local Ray (no ``--address``) or join the cluster at ``address`` (``auto`` or HOST:PORT).
+
+    Without ``--address`` (and without ``$RAY_ADDRESS``) Ray is started locally: plain
+    ``ray.init()`` would silently join whatever cluster ``/tmp/ray/ray_current_cluster`` names.
+    """
     import ray
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -317,7 +437,7 @@ def init_ray(address: str | None):
     if address is None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local Ray binds 127.0.0.1
     try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False, logging_level="ERROR",
                  configure_logging=True)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"--address {address}: cannot connect to a Ray cluster ({str(exc).splitlines()[0]})") from None
@@ -328,10 +448,13 @@ def _trainable(plan: SearchPlan, scope: str):
 
     fixed = dict(plan.fixed)
     by_model = fixed.pop("pretrained_by_model", None)
+    fault_trials = os.environ.get("MURA_TUNE_FAULT_TRIALS")
     ctx = {"exp_dir": plan.exp_dir, "name": plan.name, "space": plan.space, "scope": scope, "fixed": fixed,
            "split_path": plan.split_path, "strict": plan.strict, "cpus_per_trial": plan.cpus_per_trial,
-           "fault": os.environ.get("MURA_TUNE_FAULT"), "fault_trials": os.environ.get("MURA_TUNE_FAULT_TRIALS", "").split(",")
-           if os.environ.get("MURA_TUNE_FAULT_TRIALS") else None}
+           "fault": os.environ.get("MURA_TUNE_FAULT"),
+           "fault_trials": [int(i) for i in fault_trials.split(",") if i.strip().isdigit()] if fault_trials else None}
+    if ctx["fault"]:
+        parse_faults(ctx["fault"])  # a malformed MURA_TUNE_FAULT fails here, in the driver
     if scope != "all":
         ctx["fixed"]["body_part"] = scope
     if by_model:
@@ -358,7 +481,7 @@ def _run_scope(plan: SearchPlan, scope: str, resume: bool):
 
     ray_dir = plan.ray_dir(scope)
     trainable = _trainable(plan, scope)
-    if resume and tune.Tuner.can_restore(str(ray_dir)):
+    if resume and tune.Tuner.can_restore(str(ray_dir)) and read_ray_state(ray_dir) is not None:
         tuner = tune.Tuner.restore(str(ray_dir), trainable=trainable, resume_unfinished=True, resume_errored=False)
         return tuner.fit()
     space = get_space(plan.space)
@@ -368,10 +491,12 @@ def _run_scope(plan: SearchPlan, scope: str, resume: bool):
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=make_scheduler(plan), num_samples=plan.scopes[scope],
-                                    max_concurrent_trials=plan.max_concurrent, trial_dirname_creator=trial_dirname),
+                                    max_concurrent_trials=plan.max_concurrent, trial_name_creator=trial_name,
+                                    trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(
             name=ray_dir.name, storage_path=str(ray_dir.parent),
             failure_config=tune.FailureConfig(max_failures=plan.max_failures),
+            # num_to_keep=1 also makes Ray save its experiment state after every trial checkpoint.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             progress_reporter=reporter, verbose=1,
         ),
@@ -383,50 +508,136 @@ def _report_params(space, plan) -> list[str]:
     return sorted(space.dimensions())[:4]
 
 
+# --- crash recovery ----------------------------------------------------------------------------------
+def scope_done(plan: SearchPlan, scope: str) -> bool:
+    """Ray's saved state holds every trial of the scope and none is unfinished."""
+    state = read_ray_state(plan.ray_dir(scope))
+    return state is not None and len(state) >= plan.scopes[scope] and all(t["status"] not in UNFINISHED for t in state.values())
+
+
+def recover_scope(plan: SearchPlan, scope: str) -> tuple[list[str], int]:
+    """Before resuming a scope, put back what a killed driver left half-done.
+
+    Ray saves its experiment state after every trial checkpoint, so a driver killed with
+    SIGKILL may have started trials Ray never recorded. Their folders move to
+    ``<exp>/orphaned/`` (kept for inspection, out of the leaderboard), and their Optuna trials,
+    still RUNNING in ``optuna.db``, go back to WAITING so the resumed searcher proposes exactly
+    those parameters again: the study ends with ``num_samples`` trials, as planned.
+
+    Returns:
+        (orphaned Ray trial ids, Optuna trials re-queued)
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    known = set(read_ray_state(plan.ray_dir(scope)) or {})
+    exp = Path(plan.exp_dir)
+    orphans = []
+    for trial_dir in sorted((exp / "trials").glob("*")):
+        meta = _read_json(trial_dir / "trial.json")
+        if trial_dir.name in known or meta is None or meta.get("scope") != scope:
+            continue
+        dest = exp / ORPHANED_DIR / trial_dir.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(trial_dir, dest)
+        ray_trial = plan.ray_dir(scope) / f"ray-{trial_dir.name}"
+        if ray_trial.exists():
+            os.replace(ray_trial, dest / "ray")
+        orphans.append(trial_dir.name)
+    requeued = 0
+    if (exp / "optuna.db").exists():
+        storage = optuna.storages.RDBStorage(f"sqlite:///{exp / 'optuna.db'}")
+        try:
+            study_id = storage.get_study_id_from_name(f"{plan.name}:{scope}")
+        except KeyError:
+            return orphans, 0
+        for trial in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            if trial.user_attrs.get("ray_trial_id") not in known:
+                trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+                requeued += bool(storage.set_trial_state_values(trial_id, TrialState.WAITING))
+    return orphans, requeued
+
+
+def resume_command(plan: SearchPlan) -> str:
+    """The exact command that continues this experiment."""
+    parts = ["mura-tune", "--space", plan.space, "--results", str(Path(plan.exp_dir).parent), "--name", plan.name, "--resume"]
+    if plan.address:
+        parts += ["--address", plan.address]
+    return shlex.join(parts)
+
+
+def _load_for_resume(args) -> SearchPlan:
+    if not args.name:
+        raise ConfigError("--resume needs --name of the experiment to continue")
+    exp_dir = results_dir(args.results) / args.name
+    if not (exp_dir / EXPERIMENT_FILE).exists():
+        raise ExperimentError(f"--resume: no experiment {args.name!r} in {exp_dir.parent} (missing {exp_dir / EXPERIMENT_FILE})")
+    plan = SearchPlan.load(exp_dir)
+    named = str(Path(args.space).expanduser().resolve()) if args.space.endswith(".py") else args.space
+    if named != plan.space:
+        # The space file recorded in experiment.json is only executed if the user names it again.
+        raise ConfigError(f"--resume: experiment {plan.name!r} searched --space {plan.space}; pass that, got --space {args.space}")
+    if args.address:
+        plan.address = args.address
+    return plan
+
+
 def run_search(args) -> int:
-    """`mura-tune --space ...`: plan or resume, run every scope, write and print the leaderboard."""
+    """`mura-tune --space ...`: plan or resume, run every scope, write and print the leaderboard.
+
+    Ctrl-C (SIGINT) or SIGTERM stops the search cleanly: Ray saves its state, the leaderboard of
+    what finished is written and the command prints how to resume; the exit code is 130.
+    """
     from mura_tune.leaderboard import build_leaderboard, format_leaderboard
 
     if args.resume:
-        if not args.name:
-            raise ConfigError("--resume needs --name of the experiment to continue")
-        exp_dir = Path(args.results).expanduser().resolve() / args.name
-        if not (exp_dir / EXPERIMENT_FILE).exists():
-            raise ExperimentError(f"--resume: no experiment {args.name!r} in {exp_dir.parent} (missing {exp_dir / EXPERIMENT_FILE})")
-        plan = SearchPlan.load(exp_dir)
-        if plan.space.endswith(".py"):
-            from mura_tune.spaces import load_space_file
-
-            load_space_file(plan.space)
-        if args.address:
-            plan.address = args.address
+        plan = _load_for_resume(args)
     else:
         plan = plan_search(args)
-        if Path(plan.exp_dir).exists() and any(Path(plan.exp_dir).iterdir()):
+        # A folder holding only what an interrupted preparation wrote (no experiment.json yet) is reused.
+        leftovers = {p.name for p in Path(plan.exp_dir).glob("[!.]*")} - {"split.parquet", "skipped_images.parquet"}
+        if leftovers:
             raise ExperimentError(f"experiment {plan.exp_dir} already exists; pass --resume to continue it or choose another --name")
         prepare_experiment(plan, args.val_fraction)
         plan.save()
     print(f"mura-tune: experiment {plan.exp_dir} ({', '.join(f'{s}: {n} trials' for s, n in plan.scopes.items())})")
     init_ray(plan.address)
     interrupted = False
-    for scope in plan.scopes:
-        result = _run_scope(plan, scope, resume=args.resume)
-        if _was_interrupted(result):
-            interrupted = True
-            break
-    board = build_leaderboard(plan.exp_dir)
-    print(format_leaderboard(board, top=5))
-    print(f"wrote {Path(plan.exp_dir) / 'leaderboard.parquet'}")
+    previous_term = _forward_sigterm()
+    try:
+        for scope in plan.scopes:
+            if args.resume:
+                if scope_done(plan, scope):
+                    continue
+                orphans, requeued = recover_scope(plan, scope)
+                if orphans or requeued:
+                    print(f"mura-tune: {scope}: {len(orphans)} trial(s) started after Ray's last saved state moved to "
+                          f"{Path(plan.exp_dir) / ORPHANED_DIR}; {requeued} Optuna trial(s) will run again with the same parameters")
+            _run_scope(plan, scope, resume=args.resume)
+            if not scope_done(plan, scope):
+                interrupted = True
+                break
+    except KeyboardInterrupt:  # a second Ctrl-C: Ray may not have saved its very latest state
+        interrupted = True
+    finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
+    try:
+        board = build_leaderboard(plan.exp_dir)
+        print(format_leaderboard(board, top=5))
+        print(f"wrote {Path(plan.exp_dir) / 'leaderboard.parquet'}")
+    except ExperimentError as exc:  # interrupted before any trial started
+        print(f"mura-tune: {exc}", file=sys.stderr)
     print(f"experiment folder: {plan.exp_dir}  (Optuna study: {Path(plan.exp_dir) / 'optuna.db'})")
     if interrupted:
-        print(f"mura-tune: interrupted; resume with: mura-tune --space {args.space} --name {plan.name} "
-              f"--results {Path(plan.exp_dir).parent} --resume", file=sys.stderr)
+        print(f"mura-tune: interrupted; finished trials are kept. Resume with: {resume_command(plan)}", file=sys.stderr)
         return 130
     return 0
 
 
-def _was_interrupted(result_grid) -> bool:
-    """True if Tuner.fit() returned early because of Ctrl-C (the experiment is resumable)."""
-    state = getattr(result_grid, "_experiment_analysis", None)
-    trials = getattr(state, "trials", []) if state is not None else []
-    return any(t.status in ("PENDING", "RUNNING", "PAUSED") for t in trials)
+def _forward_sigterm():
+    """Treat SIGTERM (cluster schedulers, ``kill``) like Ctrl-C, so Ray saves its state and stops cleanly."""
+    try:
+        return signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    except ValueError:  # not the main thread
+        return None

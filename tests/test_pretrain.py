@@ -9,17 +9,22 @@ import time
 import pandas as pd
 import pytest
 import torch
+from conftest import run_cli
 
 import mura_tune.data.images as images_module
 import mura_tune.pretrain as pretrain_module
-from conftest import run_cli
 from mura_tune.config import TrainConfig
 from mura_tune.data.mura import read_dataset
 from mura_tune.data.split import assign_split
 from mura_tune.errors import ConfigError, WeightsError
 from mura_tune.models import build_model
 from mura_tune.pretrain import ensure_bodypart_weights, pretrain_bodypart, save_backbone
-from mura_tune.weights import initial_backbone_state, load_backbone_state, read_weights_file, resolve_auto
+from mura_tune.weights import (
+    initial_backbone_state,
+    load_backbone_state,
+    read_weights_file,
+    resolve_auto,
+)
 
 SIZE = 32
 CLOSED_PORT = "http://127.0.0.1:9"  # nothing listens on loopback port 9: refused at once
@@ -57,9 +62,18 @@ def pretrained(small_data, tmp_path_factory):
         mp.setattr(images_module, "load_gray", spy_load)
         mp.setattr(pretrain_module, "build_cache", spy_build)
         # workers=1 decodes in this process, so the spy sees every image that is opened.
-        path, info = pretrain_bodypart("densenet121", data=small_data, out=out, epochs=1, image_size=SIZE,
-                                       batch_size=32, threads=1, workers=1, cache_root=out.parent / "cache",
-                                       verbose=False)
+        path, info = pretrain_bodypart(
+            "densenet121",
+            data=small_data,
+            out=out,
+            epochs=1,
+            image_size=SIZE,
+            batch_size=32,
+            threads=1,
+            workers=1,
+            cache_root=out.parent / "cache",
+            verbose=False,
+        )
     return {"path": path, "info": info, "opened": opened, "cached": cached}
 
 
@@ -77,7 +91,11 @@ def test_pretrain_reads_train_images_only(pretrained, small_data):
     assert not set(pretrained["opened"]) & unseen
     written = json.loads(pretrained["path"].with_suffix(".json").read_text())
     assert written["splits"] == ["train"] and pretrained["info"]["splits"] == ["train"]
-    assert written["backbone"] == "densenet121" and written["task"] == "body_part" and written["epochs"] == 1
+    assert (
+        written["backbone"] == "densenet121"
+        and written["task"] == "body_part"
+        and written["epochs"] == 1
+    )
     assert written["n_images"] + written["holdout"]["images"] == len(train)
     assert 0.0 <= written["holdout_accuracy"] <= 1.0 and len(written["data_hash"]) == 64
 
@@ -87,11 +105,17 @@ def test_weights_load_into_build_model(pretrained):
 
     state = read_weights_file(pretrained["path"])
     assert set(state) == set(timm.create_model("densenet121", num_classes=0).state_dict())
-    config = TrainConfig(model="densenet121", pretrained=str(pretrained["path"]), unfreeze_blocks=1, image_size=SIZE)
+    config = TrainConfig(
+        model="densenet121", pretrained=str(pretrained["path"]), unfreeze_blocks=1, image_size=SIZE
+    )
     backbone_state, source = initial_backbone_state(config.model, config.pretrained)
-    net = build_model(config, backbone_state=backbone_state)  # load_backbone_state raises on missing keys
+    net = build_model(
+        config, backbone_state=backbone_state
+    )  # load_backbone_state raises on missing keys
     assert source == "file:densenet121-bodypart-test-32px.safetensors"
-    assert torch.equal(net.backbone.state_dict()["features.conv0.weight"], state["features.conv0.weight"])
+    assert torch.equal(
+        net.backbone.state_dict()["features.conv0.weight"], state["features.conv0.weight"]
+    )
     with pytest.raises(WeightsError, match="do not fit resnet18"):
         load_backbone_state(timm.create_model("resnet18", num_classes=0), state, "resnet18")
 
@@ -133,7 +157,9 @@ def no_network(monkeypatch, tmp_path):
 def test_auto_falls_back_within_seconds(no_network, monkeypatch, pretrained, small_data, capsys):
     calls = []
 
-    def stub(model, data=None, image_size=64, verbose=True, **kwargs):  # pretraining itself is timed elsewhere
+    def stub(
+        model, data=None, image_size=64, verbose=True, **kwargs
+    ):  # pretraining itself is timed elsewhere
         calls.append((model, data, image_size))
         return pretrained["path"]
 
@@ -161,26 +187,45 @@ def test_hub_offline_makes_no_connection(no_network, monkeypatch):
 
 
 def test_training_records_bodypart_source(pretrained, small_data, tmp_path):
-    config = TrainConfig(model="densenet121", pretrained=str(pretrained["path"]), unfreeze_blocks=1, image_size=SIZE,
-                         max_epochs=1, batch_size=32, threads=1)
+    config = TrainConfig(
+        model="densenet121",
+        pretrained=str(pretrained["path"]),
+        unfreeze_blocks=1,
+        image_size=SIZE,
+        max_epochs=1,
+        batch_size=32,
+        threads=1,
+    )
     summary = run_training_quiet(config, _split(small_data), tmp_path)
     assert summary["weights_source"] == "file:densenet121-bodypart-test-32px.safetensors"
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["weights_source"].startswith("file:densenet121-bodypart")
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["weights_source"].startswith(
+        "file:densenet121-bodypart"
+    )
 
 
 def run_training_quiet(config, split, tmp_path):
     from mura_tune.train import run_training
 
-    return run_training(config, split, tmp_path / "run", cache_root=tmp_path / "cache", verbose=False)
+    return run_training(
+        config, split, tmp_path / "run", cache_root=tmp_path / "cache", verbose=False
+    )
 
 
 def test_ensure_builds_once(small_data, monkeypatch):
-    first = ensure_bodypart_weights("resnet18", data=small_data, image_size=SIZE, verbose=False, epochs=1)
-    assert first.name.startswith("resnet18-bodypart-") and first.name.endswith(f"-{SIZE}px.safetensors")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    first = ensure_bodypart_weights(
+        "resnet18", data=small_data, image_size=SIZE, verbose=False, epochs=1
+    )
+    assert first.name.startswith("resnet18-bodypart-") and first.name.endswith(
+        f"-{SIZE}px.safetensors"
+    )
     assert json.loads(first.with_suffix(".json").read_text())["splits"] == ["train"]
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("weights were rebuilt")
 
     monkeypatch.setattr(pretrain_module, "pretrain_bodypart", must_not_run)
-    assert ensure_bodypart_weights("resnet18", data=small_data, image_size=SIZE, verbose=False) == first
+    assert (
+        ensure_bodypart_weights("resnet18", data=small_data, image_size=SIZE, verbose=False)
+        == first
+    )

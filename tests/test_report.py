@@ -10,6 +10,7 @@ can fail.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -27,7 +28,7 @@ from PIL import Image
 from mura_tune.constants import METRIC
 from mura_tune.report import SECTIONS, write_report
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # the first test pays for the search
+SEARCH_TIMEOUT = 900  # the first test pays for the search
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TB_TAGS = ("val_kappa_study", "train_loss", "val_loss", "val_auc", "lr")
@@ -99,6 +100,8 @@ def search(ray_session, tiny_data, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------ the page
+@pytest.mark.slow
+@pytest.mark.timeout(SEARCH_TIMEOUT)
 def test_report_has_every_section_and_valid_images(search):
     text = search.html.read_text()
     page = parse(search.html)
@@ -134,6 +137,8 @@ def test_report_has_every_section_and_valid_images(search):
         assert paper in section_html(text, "body-parts")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(SEARCH_TIMEOUT)
 def test_report_without_ensemble_notes_the_missing_sections(search, tmp_path, capsys):
     code = run_cli("report", "--experiment", search.exp, "--out", tmp_path / "r")
     out = capsys.readouterr().out
@@ -150,6 +155,8 @@ def test_report_without_ensemble_notes_the_missing_sections(search, tmp_path, ca
     assert "could not draw this section" not in text
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(SEARCH_TIMEOUT)
 def test_report_default_out_and_missing_optuna_storage(search, tmp_path):
     exp = tmp_path / "x"
     shutil.copytree(search.exp, exp, ignore=shutil.ignore_patterns("optuna.db", "ray-*", "report"))
@@ -158,6 +165,8 @@ def test_report_default_out_and_missing_optuna_storage(search, tmp_path):
     assert "no Optuna storage" in section_html(path.read_text(), "importance")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(SEARCH_TIMEOUT)
 def test_report_bad_paths_are_one_line_errors(search, tmp_path, capsys):
     for args, needle in (
         (("--experiment", tmp_path / "nope"), "nope"),
@@ -174,7 +183,80 @@ def test_report_bad_paths_are_one_line_errors(search, tmp_path, capsys):
         ), err
 
 
+# ------------------------------------------------------- importance on a hand-made study (no Ray)
+def fake_experiment(root: Path, values: list[float], pruned: int = 0) -> Path:
+    """An experiment folder with only a leaderboard and an Optuna study: other sections become notes."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    exp = root / "fake"
+    exp.mkdir()
+    study = optuna.create_study(
+        study_name="fake:all", storage=f"sqlite:///{exp / 'optuna.db'}", direction="maximize"
+    )
+    dists = {
+        "lr": optuna.distributions.FloatDistribution(1e-5, 1e-1, log=True),
+        "depth": optuna.distributions.IntDistribution(2, 6),
+        "batch_norm": optuna.distributions.CategoricalDistribution([True, False]),
+    }
+    rows = []
+    for i, value in enumerate(values + [math.nan] * pruned):
+        trial = study.ask(dists)
+        if math.isnan(value):
+            trial.report(0.1, 1)
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            value, status = 0.1, "PRUNED"
+        else:
+            study.tell(trial, value)
+            status = "COMPLETED"
+        rows.append(
+            {
+                "trial_id": f"t{i}",
+                "scope": "all",
+                "status": status,
+                "epochs": 1,
+                METRIC: value,
+                "predictions_path": None,
+                "checkpoint_path": None,
+                "trial_dir": str(exp / "trials" / f"t{i}"),
+                **{f"hp_{k}": v for k, v in trial.params.items()},
+            }
+        )
+    board = pd.DataFrame(rows).sort_values(METRIC, ascending=False)
+    board.insert(0, "rank", range(1, len(board) + 1))
+    board.to_parquet(exp / "leaderboard.parquet", index=False)
+    (exp / "experiment.json").write_text(json.dumps({"name": "fake", "scopes": {"all": len(rows)}}))
+    return exp
+
+
+@pytest.mark.slow  # ~10 s: Optuna's fANOVA and matplotlib, no Ray
+def test_importance_and_parameter_plots_on_a_varied_study(tmp_path):
+    values = [0.1 * i for i in range(8)]
+    path = write_report(fake_experiment(tmp_path, values, pruned=2), out=tmp_path / "r")
+    text = path.read_text()
+    importance = section_html(text, "importance")
+    assert "importance.png" in importance and importance.count("param_") == 3
+    page = parse(path)
+    assert page.sections == SECTIONS and "could not draw this section" not in text
+    for src in page.images:
+        assert (path.parent / src).read_bytes()[:8] == PNG_SIGNATURE
+    for key in ("learning-curves", "roc", "cam", "ensemble", "routing"):
+        assert 'class="note"' in section_html(text, key), key
+
+
+@pytest.mark.parametrize(
+    ("values", "needle"),
+    [([0.3], "importance needs at least 2"), ([0.3, 0.3, 0.3], "importance not available")],
+)
+def test_importance_with_too_few_or_identical_trials_is_a_note(tmp_path, values, needle):
+    path = write_report(fake_experiment(tmp_path, values), out=tmp_path / "r")
+    importance = section_html(path.read_text(), "importance")
+    assert needle in importance and "<img" not in importance
+
+
 # ------------------------------------------------------------------ Optuna study and TensorBoard
+@pytest.mark.slow
+@pytest.mark.timeout(SEARCH_TIMEOUT)
 def test_optuna_study_matches_the_leaderboard(search):
     import optuna
 
@@ -206,6 +288,8 @@ def test_optuna_study_matches_the_leaderboard(search):
             assert len(curve) < 2, "pruned at ASHA's first rung"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(SEARCH_TIMEOUT)
 def test_tensorboard_scalars_of_every_trial(search):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -273,6 +357,8 @@ def page_check(chromium: str, html: Path, tmp: Path) -> tuple[int, int, list[str
     return missing, errors, console
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(SEARCH_TIMEOUT)
 def test_report_renders_in_headless_chromium(search, chromium, tmp_path):
     missing, errors, console = page_check(chromium, search.html, tmp_path)
     assert (missing, errors, console) == (0, 0, [])
@@ -287,6 +373,8 @@ def test_report_renders_in_headless_chromium(search, chromium, tmp_path):
     assert gray.std() > 10 and (gray < 200).mean() > 0.02, "the screenshot is blank"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(SEARCH_TIMEOUT)
 def test_browser_check_catches_a_missing_image_and_console_output(search, chromium, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(search.html.parent, broken)

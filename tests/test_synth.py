@@ -51,7 +51,9 @@ REAL_IMAGES = {
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def _lines(path: Path) -> list[str]:
@@ -160,7 +162,10 @@ def test_index_reproduces_paths_and_labels(tmp_path):
         with open(INDEX / name) as fh:
             head = [next(fh) for _ in range(30)]
         if "image_paths" in name:  # keep only images whose study is among the 30 study lines
-            studies = [ln.split(",")[0] for ln in open(INDEX / name.replace("image_paths", "labeled_studies"))][:30]
+            studies = [
+                ln.split(",")[0]
+                for ln in open(INDEX / name.replace("image_paths", "labeled_studies"))
+            ][:30]
             head = [ln for ln in head if ln.rsplit("/", 1)[0] + "/" in studies]
         (idx / name).write_text("".join(head))
     root = synthesize(tmp_path / "out", size=32, seed=0, index=idx, workers=1, progress=False)

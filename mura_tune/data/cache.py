@@ -117,7 +117,9 @@ def build_cache(
         jobs = [(str(array_path), size, i, paths[i : i + CHUNK]) for i in range(0, len(paths), CHUNK)]
         failures: dict[int, str] = {}
         workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-        bar = tqdm(total=len(paths), desc=f"caching {size}px images", unit="img", disable=not progress, file=sys.stderr)
+        # A bar only on a terminal: in logs and pipes it is noise around the one-line messages.
+        bar = tqdm(total=len(paths), desc=f"caching {size}px images", unit="img", file=sys.stderr,
+                   disable=not progress or not sys.stderr.isatty())
         if workers == 1:
             results = map(_decode_chunk, jobs)
         else:

@@ -7,6 +7,7 @@ batch time (see :mod:`mura_tune.augment`).
 
 from __future__ import annotations
 
+import struct
 import warnings
 from pathlib import Path
 
@@ -28,38 +29,81 @@ def load_gray(path: str | Path) -> np.ndarray:
     """Decode a PNG to a 2-D uint8 array.
 
     Grayscale is kept; RGB, RGBA and palette images are converted to luminance (alpha dropped);
-    16-bit images are rescaled to 8 bits by their maximum.
+    16-bit images are rescaled to 8 bits by their maximum. :func:`inspect_image` says which
+    conversion an image needed (``data summary`` reports them as notes).
 
     Raises:
         ImageReadError: empty, not a PNG, truncated/undecodable, or larger than ``MAX_PIXELS``.
     """
+    return _decode(path)[0]
+
+
+def _png_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR chunk, read before any decoder sees the file."""
+    if len(head) >= 24 and head[12:16] == b"IHDR":
+        return struct.unpack(">II", head[16:24])
+    return None
+
+
+def _decode(path: str | Path) -> tuple[np.ndarray, str | None]:
+    """Decode ``path``; return the uint8 array and a note on the conversion it needed (or None)."""
     path = Path(path)
     try:
         with open(path, "rb") as fh:
-            head = fh.read(8)
+            head = fh.read(24)
     except FileNotFoundError:
         raise ImageReadError("file not found") from None
+    except IsADirectoryError:
+        raise ImageReadError("is a folder, not a file") from None
     except OSError as exc:
         raise ImageReadError(f"cannot open ({exc.strerror})") from None
     if not head:
         raise ImageReadError("empty file (0 bytes)")
-    if head != PNG_SIGNATURE:
+    if head[:8] != PNG_SIGNATURE:
         raise ImageReadError("not a PNG file")
+    size = _png_size(head)
+    if size is not None and size[0] * size[1] > MAX_PIXELS:
+        # Checked on the header, before decoding: a tiny file can claim billions of pixels.
+        raise ImageReadError(_too_large(*size))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 w, h = img.size
                 if w * h > MAX_PIXELS:
-                    raise ImageReadError(f"{w}x{h} exceeds the {MAX_PIXELS:,}-pixel limit (decompression bomb?)")
+                    raise ImageReadError(_too_large(w, h))
                 img.load()
-                return _to_gray(img)
+                return _to_gray(img), _conversion_note(img)
     except ImageReadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageReadError(f"too large: {exc}".split(". ")[0]) from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, struct.error) as exc:
         raise ImageReadError(f"cannot decode ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
+def _too_large(w: int, h: int) -> str:
+    return f"{w}x{h} exceeds the {MAX_PIXELS:,}-pixel limit (decompression bomb?)"
+
+
+#: Modes that are not noted: MURA itself is 8-bit grayscale with some RGB images.
+PLAIN_MODES = ("L", "RGB")
+
+
+def _conversion_note(img: Image.Image) -> str | None:
+    """``"<kind>: <what was done>"`` for an image of an unusual mode (None: 8-bit gray or RGB)."""
+    mode = img.mode
+    if mode in PLAIN_MODES:
+        return None
+    if mode.startswith("I;16"):
+        return "16-bit: rescaled to 8 bits by its maximum"
+    if mode == "I":
+        return "32-bit: rescaled to 8 bits by its maximum"
+    if mode == "P":
+        return "palette: converted to 8-bit grayscale" + (" (transparency dropped)" if "transparency" in img.info else "")
+    if "A" in mode:
+        return f"alpha channel: {mode}, alpha dropped, converted to 8-bit grayscale"
+    return f"mode {mode}: converted to 8-bit grayscale"
 
 
 def _to_gray(img: Image.Image) -> np.ndarray:
@@ -94,8 +138,17 @@ def preprocess(path: str | Path, size: int) -> np.ndarray:
 
 def check_image(path: str | Path) -> str | None:
     """Return why an image is unusable, or None if it decodes."""
+    return inspect_image(path)[0]
+
+
+def inspect_image(path: str | Path) -> tuple[str | None, str | None]:
+    """Decode one image for ``data summary``: ``(why it is unusable, note on its conversion)``.
+
+    The first is None for a usable image; the second is None unless the image was converted
+    from an unusual mode (16-bit, alpha channel, palette, ...), which is worth knowing but
+    not a problem: training uses such images as :func:`load_gray` returns them.
+    """
     try:
-        load_gray(path)
+        return None, _decode(path)[1]
     except ImageReadError as exc:
-        return str(exc)
-    return None
+        return str(exc), None

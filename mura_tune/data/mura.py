@@ -77,8 +77,12 @@ def locate_root(data: str | Path) -> Path:
 
 def _read_lines(csv: Path) -> list[tuple[int, str]]:
     """Non-empty lines of an index CSV with their 1-based numbers, header row dropped."""
+    try:
+        text = csv.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise DataError(f"cannot read index file {csv}: {exc.strerror or type(exc).__name__}") from None
     lines = []
-    for number, raw in enumerate(csv.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip().strip('"')
         if not line:
             continue
@@ -139,7 +143,11 @@ def read_mura(data: str | Path, strict: bool = True) -> Dataset:
             if label != (match["outcome"] == "positive"):
                 problem("label_mismatch", where, f"label {label} contradicts '{match['outcome']}' in the path {study}")
                 continue
-            study_labels[study.strip().rstrip("/")] = label
+            study_id = study.strip().rstrip("/")
+            if study_id in study_labels:
+                problem("duplicate", where, f"study listed twice: {study}")
+                continue
+            study_labels[study_id] = label
 
         seen: set[str] = set()
         for number, line in _read_lines(images_csv):

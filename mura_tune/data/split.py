@@ -78,10 +78,26 @@ def write_split(table: pd.DataFrame, out: str | Path) -> Path:
 
 
 def load_split(path: str | Path) -> pd.DataFrame:
+    """Read a split manifest written by :func:`write_split` (or ``mura-tune data split``).
+
+    Raises:
+        DataError: the file is missing, is not Parquet, or lacks the canonical or ``split`` columns.
+    """
+    from mura_tune.constants import TABLE_COLUMNS
+
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise DataError(f"split manifest not found: {path}")
-    table = pd.read_parquet(path)
+    try:
+        table = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow's errors are long; keep the first line
+        raise DataError(f"cannot read split manifest {path}: {str(exc).splitlines()[0]}") from None
     if "split" not in table.columns:
         raise DataError(f"{path} has no 'split' column (write one with `mura-tune data split`)")
+    missing = [c for c in TABLE_COLUMNS if c not in table.columns]
+    if missing:
+        raise DataError(f"split manifest {path} lacks columns {missing}")
+    bad = ~table["split"].isin(["train", "val", "test"])
+    if bad.any():
+        raise DataError(f"split manifest {path}: split must be train, val or test, got {table['split'][bad].iloc[0]!r}")
     return table

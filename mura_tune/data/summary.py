@@ -1,30 +1,48 @@
-"""`mura-tune data summary`: counts per split and body part, and every problem found."""
+"""`mura-tune data summary`: counts per split and body part, and every problem found.
+
+Problems (the image cannot be used: missing, empty, truncated, not a PNG, too many pixels; or
+the index is malformed) are listed by path with the reason. Notes are images that are usable
+but were converted from an unusual mode (16-bit, alpha channel, palette): training uses them as
+converted, and the summary lists them so that a conversion is never silent.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
 
 import pandas as pd
 from tqdm.auto import tqdm
 
-from mura_tune.data.images import check_image
+from mura_tune.data.images import inspect_image
 from mura_tune.data.mura import Dataset, Problem
 
 SHOW_PROBLEMS = 50
 
 
-def check_images(paths: list[str], workers: int | None = None, progress: bool = True) -> dict[str, str]:
-    """Decode every image in parallel; return ``{path: reason}`` for the unusable ones."""
+def check_images(
+    paths: list[str], workers: int | None = None, progress: bool = True
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Decode every image in parallel.
+
+    Returns:
+        ``({path: reason}`` of the unusable images, ``{path: note}`` of the converted ones``)``.
+    """
     workers = workers or os.cpu_count() or 1
     bad: dict[str, str] = {}
+    notes: dict[str, str] = {}
     chunk = max(1, min(256, len(paths) // (workers * 8) or 1))
     with ProcessPoolExecutor(workers) as pool:
-        results = pool.map(check_image, paths, chunksize=chunk)
-        for path, reason in tqdm(zip(paths, results), total=len(paths), desc="checking images", disable=not progress, unit="img"):
+        results = pool.map(inspect_image, paths, chunksize=chunk)
+        bar = tqdm(zip(paths, results), total=len(paths), desc="checking images", unit="img", file=sys.stderr,
+                   disable=not progress or not sys.stderr.isatty())
+        for path, (reason, note) in bar:
             if reason is not None:
                 bad[path] = reason
-    return bad
+            elif note is not None:
+                notes[path] = note
+    return bad, notes
 
 
 def summarize(dataset: Dataset, check: bool = True, progress: bool = True) -> dict:
@@ -36,9 +54,12 @@ def summarize(dataset: Dataset, check: bool = True, progress: bool = True) -> di
     """
     table = dataset.table
     problems = list(dataset.problems)
+    notes: list[Problem] = []
     if check and len(table):
-        for path, reason in check_images(table["image_path"].tolist(), progress=progress).items():
+        bad, converted = check_images(table["image_path"].tolist(), progress=progress)
+        for path, reason in bad.items():
             problems.append(Problem("missing" if reason == "file not found" else "unreadable", path, reason))
+        notes = [Problem("converted", path, note) for path, note in converted.items()]
 
     groups = []
     for (split, part), grp in table.groupby(["source_split", "body_part"], sort=True):
@@ -70,9 +91,6 @@ def summarize(dataset: Dataset, check: bool = True, progress: bool = True) -> di
     parts_per_patient = table.groupby(["source_split", "patient_id"])["body_part"].nunique()
     multi_part = {s: int((v > 1).sum()) for s, v in parts_per_patient.groupby(level=0)}
     splits_per_patient = table.groupby("patient_id")["source_split"].nunique()
-    by_kind: dict[str, int] = {}
-    for p in problems:
-        by_kind[p.kind] = by_kind.get(p.kind, 0) + 1
     return {
         "root": str(dataset.root),
         "source": dataset.source,
@@ -80,11 +98,21 @@ def summarize(dataset: Dataset, check: bool = True, progress: bool = True) -> di
         "by_part": groups,
         "patients_in_several_body_parts": multi_part,
         "patients_in_both_splits": int((splits_per_patient > 1).sum()),
-        "problems": {
-            "count": len(problems),
-            "by_kind": by_kind,
-            "shown": [{"kind": p.kind, "path": p.path, "detail": p.detail} for p in problems[:SHOW_PROBLEMS]],
-        },
+        "problems": _listing(problems, key=lambda p: p.kind),
+        # Usable images converted from an unusual mode, counted per kind (16-bit, palette, alpha channel, ...).
+        "notes": _listing(notes, key=lambda p: p.detail.split(":")[0]),
+    }
+
+
+def _listing(items: list[Problem], key) -> dict:
+    """``{"count", "by_kind", "shown"}``: the first :data:`SHOW_PROBLEMS` items by path, and counts."""
+    by_kind: dict[str, int] = {}
+    for item in items:
+        by_kind[key(item)] = by_kind.get(key(item), 0) + 1
+    return {
+        "count": len(items),
+        "by_kind": by_kind,
+        "shown": [{"kind": p.kind, "path": p.path, "detail": p.detail} for p in items[:SHOW_PROBLEMS]],
     }
 
 
@@ -116,4 +144,12 @@ def format_summary(summary: dict) -> str:
             lines.append(f"  ... and {prob['count'] - len(prob['shown'])} more")
     else:
         lines.append("problems: none")
+    notes = summary.get("notes", {})
+    if notes.get("count"):
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(notes["by_kind"].items()))
+        lines.append(f"notes: {notes['count']} usable image(s) converted to 8-bit grayscale ({kinds})")
+        for p in notes["shown"]:
+            lines.append(f"  converted: {p['path']}: {p['detail']}")
+        if notes["count"] > len(notes["shown"]):
+            lines.append(f"  ... and {notes['count'] - len(notes['shown'])} more")
     return "\n".join(lines)

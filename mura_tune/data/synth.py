@@ -49,7 +49,7 @@ CSV_NAMES = (
 #: Fraction of studies whose drawn content contradicts their label.
 LABEL_NOISE = 0.04
 #: Probability that a view of an abnormal study shows its finding (at least one always does).
-VIEW_SHOWS_FINDING = 0.6
+VIEW_SHOWS_FINDING = 0.65
 _RATE_TOL = 0.03
 
 # Real MURA-v1.1 counts per part: (normal, abnormal).
@@ -158,8 +158,9 @@ def synthesize(
             if st.images:
                 (staging / st.study_dir[len(ROOT_NAME) + 1 :]).mkdir(parents=True, exist_ok=True)
         for split in SOURCE_SPLITS:
-            (staging / f"{split}_image_paths.csv").write_text("".join(f"{p}\n" for p in image_lines[split]))
-            (staging / f"{split}_labeled_studies.csv").write_text("".join(f"{s}\n" for s in study_lines[split]))
+            for name, lines in (("image_paths", image_lines), ("labeled_studies", study_lines)):
+                text = "".join(f"{line}\n" for line in lines[split])
+                (staging / f"{split}_{name}.csv").write_bytes(text.encode())
         results = _render_all(staging, jobs, seed, size, difficulty, workers, progress)
         if root.exists():
             root.rmdir()
@@ -168,8 +169,17 @@ def synthesize(
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
-    _write_sidecars(out, studies, jobs, results, scale=scale, size=size, difficulty=difficulty,
-                    seed=seed, index=index)
+    _write_sidecars(
+        out,
+        studies,
+        jobs,
+        results,
+        scale=scale,
+        size=size,
+        difficulty=difficulty,
+        seed=seed,
+        index=index,
+    )
     return root
 
 
@@ -185,7 +195,9 @@ def _check_args(scale, size, difficulty, seed, workers) -> None:
         raise ConfigError(f"--difficulty must be in [0, 1], got {difficulty}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"--seed must be a non-negative integer, got {seed}")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+    if workers is not None and (
+        isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
+    ):
         raise ConfigError(f"--workers must be a positive integer, got {workers}")
 
 
@@ -213,7 +225,10 @@ def _allocate(split: str, part: str, scale: float) -> tuple[int, int, int, int]:
 
     def ok(n: int, a: int) -> bool:
         i_n, i_a = images(n, a)
-        return abs(a / (n + a) - r_study) <= _RATE_TOL and abs(i_a / (i_n + i_a) - r_image) <= _RATE_TOL
+        return (
+            abs(a / (n + a) - r_study) <= _RATE_TOL
+            and abs(i_a / (i_n + i_a) - r_image) <= _RATE_TOL
+        )
 
     n, a = max(1, _round(scale * n_real)), max(1, _round(scale * a_real))
     total = n + a
@@ -257,15 +272,20 @@ def _draw_structure(scale: float, seed: int) -> list[_Study]:
         n_patients = max(1, _round(len(studies) * MURA_PATIENTS[split] / MURA_STUDY_TOTAL[split]))
         order = rng.permutation(len(studies))
         owners: list[list[_Study]] = []
+        multi: list[int] = []  # patients with several studies
         for rank, i in enumerate(order):
             st = studies[i]
             if rank < n_patients:
                 owners.append([st])
                 continue
-            # Prefer patients who already have several studies (as in MURA, a few have many).
-            multi = [j for j, o in enumerate(owners) if len(o) > 1]
-            j = int(rng.choice(multi)) if multi and rng.random() < 0.3 else int(rng.integers(len(owners)))
+            # Sometimes prefer patients who already have several studies (a few have many).
+            if multi and rng.random() < 0.15:
+                j = multi[int(rng.integers(len(multi)))]
+            else:
+                j = int(rng.integers(len(owners)))
             owners[j].append(st)
+            if len(owners[j]) == 2:
+                multi.append(j)
         for group in owners:
             per_part: Counter = Counter()
             for st in group:
@@ -275,7 +295,9 @@ def _draw_structure(scale: float, seed: int) -> list[_Study]:
         studies.sort(key=lambda s: (BODY_PARTS.index(s.part), s.patient, s.number))
         for st in studies:
             kind = "positive" if st.label else "negative"
-            st.study_dir = f"{ROOT_NAME}/{split}/{st.part}/patient{st.patient:05d}/study{st.number}_{kind}/"
+            st.study_dir = (
+                f"{ROOT_NAME}/{split}/{st.part}/patient{st.patient:05d}/study{st.number}_{kind}/"
+            )
             st.images = [f"{st.study_dir}image{j}.png" for j in range(1, st.n_views + 1)]
         out += studies
     return out
@@ -308,7 +330,9 @@ def _read_index(folder: Path) -> tuple[list[_Study], dict, dict]:
         for n, line in enumerate(study_lines[split], 1):
             m = _STUDY_RE.match(line)
             if not m or m.group(2) != split or m.group(3) not in BODY_PARTS:
-                raise DataError(f"--index {folder}/{name} line {n}: not a MURA study line: {line!r}")
+                raise DataError(
+                    f"--index {folder}/{name} line {n}: not a MURA study line: {line!r}"
+                )
             if m.group(1) in by_dir:
                 raise DataError(f"--index {folder}/{name} line {n}: duplicate study {m.group(1)}")
             st = _Study(split, m.group(3), int(m.group(4)), int(m.group(5)), study_dir=m.group(1))
@@ -319,11 +343,15 @@ def _read_index(folder: Path) -> tuple[list[_Study], dict, dict]:
         for n, line in enumerate(image_lines[split], 1):
             m = _IMAGE_RE.match(line)
             if not m or m.group(1) != split:
-                raise DataError(f"--index {folder}/{name} line {n}: not a MURA image path: {line!r}")
+                raise DataError(
+                    f"--index {folder}/{name} line {n}: not a MURA image path: {line!r}"
+                )
             st = by_dir.get(line.rsplit("/", 1)[0] + "/")
             if st is None:
-                raise DataError(f"--index {folder}/{name} line {n}: study of {line} is not in "
-                                f"{split}_labeled_studies.csv")
+                raise DataError(
+                    f"--index {folder}/{name} line {n}: study of {line} is not in "
+                    f"{split}_labeled_studies.csv"
+                )
             if line in seen:
                 raise DataError(f"--index {folder}/{name} line {n}: duplicate image {line}")
             seen.add(line)
@@ -342,8 +370,15 @@ def _assign_truth(studies: list[_Study], seed: int) -> None:
     for code, split in enumerate(SOURCE_SPLITS):
         idx = [i for i, st in enumerate(studies) if st.split == split]
         n_flip = max(1, _round(LABEL_NOISE * len(idx))) if len(idx) >= 10 else 0
-        flip = set(np.random.default_rng([seed, _TAG_NOISE, code]).choice(idx, n_flip, replace=False).tolist()) \
-            if n_flip else set()
+        flip = (
+            set(
+                np.random.default_rng([seed, _TAG_NOISE, code])
+                .choice(idx, n_flip, replace=False)
+                .tolist()
+            )
+            if n_flip
+            else set()
+        )
         for i in idx:
             studies[i].true_label = 1 - studies[i].label if i in flip else studies[i].label
     for i, st in enumerate(studies):
@@ -382,7 +417,9 @@ def _render_all(staging: Path, jobs: list[ImageJob], seed, size, difficulty, wor
     chunk = max(8, min(64, math.ceil(len(jobs) / (workers * 4)))) if jobs else 1
     chunks = [jobs[i : i + chunk] for i in range(0, len(jobs), chunk)]
     results: list = []
-    with tqdm(total=len(jobs), unit="img", desc="synth", disable=not progress, file=sys.stderr) as bar:
+    with tqdm(
+        total=len(jobs), unit="img", desc="synth", disable=not progress, file=sys.stderr
+    ) as bar:
         if workers == 1 or len(chunks) <= 1:
             for c in chunks:
                 results += render_chunk(str(staging), c, seed, size, difficulty)
@@ -390,8 +427,12 @@ def _render_all(staging: Path, jobs: list[ImageJob], seed, size, difficulty, wor
             return results
         import multiprocessing as mp
 
-        with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=mp.get_context("spawn")) as ex:
-            futures = [ex.submit(render_chunk, str(staging), c, seed, size, difficulty) for c in chunks]
+        with ProcessPoolExecutor(
+            max_workers=min(workers, len(chunks)), mp_context=mp.get_context("spawn")
+        ) as ex:
+            futures = [
+                ex.submit(render_chunk, str(staging), c, seed, size, difficulty) for c in chunks
+            ]
             for fut, c in zip(futures, chunks):
                 results += fut.result()
                 bar.update(len(c))
@@ -414,10 +455,33 @@ def _write_sidecars(out: Path, studies, jobs, results, **args) -> None:
             "visible": bool(visible),
             "x0": box[0], "y0": box[1], "x1": box[2], "y1": box[3],
         })  # fmt: skip
-    df = pd.DataFrame(rows, columns=["image_path", "study_id", "body_part", "label", "true_label",
-                                     "finding", "visible", "x0", "y0", "x1", "y1"])
-    df = df.astype({"label": "int8", "true_label": "int8", "visible": "bool",
-                    "x0": "int32", "y0": "int32", "x1": "int32", "y1": "int32"})
+    df = pd.DataFrame(
+        rows,
+        columns=[
+            "image_path",
+            "study_id",
+            "body_part",
+            "label",
+            "true_label",
+            "finding",
+            "visible",
+            "x0",
+            "y0",
+            "x1",
+            "y1",
+        ],
+    )
+    df = df.astype(
+        {
+            "label": "int8",
+            "true_label": "int8",
+            "visible": "bool",
+            "x0": "int32",
+            "y0": "int32",
+            "x1": "int32",
+            "y1": "int32",
+        }
+    )
     write_parquet(out / "synth_findings.parquet", df)
 
     counts = {}
@@ -439,8 +503,11 @@ def _write_sidecars(out: Path, studies, jobs, results, **args) -> None:
     info = {
         "generator": "mura_tune.data.synth",
         "format": ROOT_NAME,
-        "args": {**args, "scale": None if args["index"] is not None else args["scale"],
-                 "index": None if args["index"] is None else str(args["index"])},
+        "args": {
+            **args,
+            "scale": None if args["index"] is not None else args["scale"],
+            "index": None if args["index"] is None else str(args["index"]),
+        },
         "label_noise": LABEL_NOISE,
         "view_shows_finding": VIEW_SHOWS_FINDING,
         "counts": counts,

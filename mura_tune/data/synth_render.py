@@ -161,8 +161,18 @@ def _build_finger(p, view):
     _chain(an, x0, y0, p["tilt"] * 0.5, lengths, radii, 0.022, bend, 0.085)
     if view != 1:  # neighbour finger(s), partly in frame
         for side in (-1.0, 1.0)[: 1 + (view == 0)]:
-            _chain(an, side * 0.24, y0 + 0.04, side * 0.12, lengths, [r * 0.9 for r in radii],
-                   0.02, bend, 0.075, site=False)
+            _chain(
+                an,
+                side * 0.24,
+                y0 + 0.04,
+                side * 0.12,
+                lengths,
+                [r * 0.9 for r in radii],
+                0.02,
+                bend,
+                0.075,
+                site=False,
+            )
     return an
 
 
@@ -181,8 +191,17 @@ def _build_hand(p, view):
         for j, x in enumerate((-0.05, -0.017, 0.016, 0.048)):
             e = jit[4 * row + j]
             a = (0.022 - 0.003 * (j == 3)) * (1 + 0.15 * e)
-            an.bone(Blob(x * spread - 0.005 * row + 0.004 * e, y + dy + 0.005 * jit[8 + j], a,
-                         0.019 * (1 - 0.1 * e), 0.3 * (j - 1.5) + 0.4 * e, 0.8), False)
+            an.bone(
+                Blob(
+                    x * spread - 0.005 * row + 0.004 * e,
+                    y + dy + 0.005 * jit[8 + j],
+                    a,
+                    0.019 * (1 - 0.1 * e),
+                    0.3 * (j - 1.5) + 0.4 * e,
+                    0.8,
+                ),
+                False,
+            )
     an.soft.append(Tube(0.0, 0.75 + dy, 0.0, 0.3 + dy, 0.1, 0.0, 1.0))
     an.soft.append(Blob(0.0, 0.17 + dy, 0.06 + 0.06 * spread, 0.13, 0.0, 0.0, 1.2))
     fl = (0.95, 1.0, 0.95, 0.8)
@@ -194,15 +213,32 @@ def _build_hand(p, view):
         an.bone(Blob(xh, 0.03 + dy, r * 1.3, r * 1.1, ang, 0.8), False)
         dx, dyy = _dir(ang)
         an.joint(xh + dx * 0.014, 0.03 + dy + dyy * 0.014, ang, r * 1.3)
-        _chain(an, xh + dx * 0.025, 0.03 + dy + dyy * 0.025, ang,
-               [0.10 * fl[i] * p["len"], 0.06 * fl[i] * p["len"], 0.045 * fl[i] * p["len"]],
-               [0.013 * p["wf"], 0.011 * p["wf"], 0.009 * p["wf"]], 0.012, bend, 0.024)
+        _chain(
+            an,
+            xh + dx * 0.025,
+            0.03 + dy + dyy * 0.025,
+            ang,
+            [0.10 * fl[i] * p["len"], 0.06 * fl[i] * p["len"], 0.045 * fl[i] * p["len"]],
+            [0.013 * p["wf"], 0.011 * p["wf"], 0.009 * p["wf"]],
+            0.012,
+            bend,
+            0.024,
+        )
     ta = -0.65 * (0.5 + 0.5 * spread)
     tx, ty = -0.075 * spread, 0.25 + dy
     tdx, tdy = _dir(ta)
     an.bone(Tube(tx, ty, tx + tdx * 0.1, ty + tdy * 0.1, 0.016 * p["wf"]))
-    _chain(an, tx + tdx * 0.115, ty + tdy * 0.115, ta + 0.15, [0.065, 0.05],
-           [0.013 * p["wf"], 0.011 * p["wf"]], 0.012, bend * 0.5, 0.026)
+    _chain(
+        an,
+        tx + tdx * 0.115,
+        ty + tdy * 0.115,
+        ta + 0.15,
+        [0.065, 0.05],
+        [0.013 * p["wf"], 0.011 * p["wf"]],
+        0.012,
+        bend * 0.5,
+        0.026,
+    )
     return an
 
 
@@ -217,14 +253,34 @@ def _build_wrist(p, view):
     an.joint(-0.04 * sx, 0.112, 0.0, 0.085)
     an.joint(-0.01 * sx, 0.02, 0.0, 0.09)
     jit = p["jit"]
-    rows = ((0.07, (-0.08, -0.032, 0.017, 0.062), (0.036, 0.033, 0.03, 0.02), (0.03, 0.028, 0.026, 0.024)),
-            (-0.025, (-0.088, -0.045, 0.0, 0.048), (0.028, 0.024, 0.033, 0.03), (0.032, 0.028, 0.036, 0.03)))
+    rows = (
+        (
+            0.07,
+            (-0.08, -0.032, 0.017, 0.062),
+            (0.036, 0.033, 0.03, 0.02),
+            (0.03, 0.028, 0.026, 0.024),
+        ),
+        (
+            -0.025,
+            (-0.088, -0.045, 0.0, 0.048),
+            (0.028, 0.024, 0.033, 0.03),
+            (0.032, 0.028, 0.036, 0.03),
+        ),
+    )
     for r_i, (y, xs, a, b) in enumerate(rows):
         for j, (x, ax, bx) in enumerate(zip(xs, a, b)):
             e, e2 = jit[4 * r_i + j], jit[8 + 4 * r_i + j]
-            an.bone(Blob((x + 0.006 * e) * sx, y + 0.008 * e2 + 0.012 * (j == 3) * (1 - 2 * r_i),
-                         ax * (0.6 + 0.4 * sx) * (1 + 0.12 * e2), bx * (1 + 0.12 * e),
-                         0.25 * x / 0.08 + 0.5 * e, 0.82), y > 0)
+            an.bone(
+                Blob(
+                    (x + 0.006 * e) * sx,
+                    y + 0.008 * e2 + 0.012 * (j == 3) * (1 - 2 * r_i),
+                    ax * (0.6 + 0.4 * sx) * (1 + 0.12 * e2),
+                    bx * (1 + 0.12 * e),
+                    0.25 * x / 0.08 + 0.5 * e,
+                    0.82,
+                ),
+                y > 0,
+            )
     an.bone(Blob(0.072 * sx, 0.02, 0.014, 0.016, 0.0, 0.8), False)  # pisiform
     for i, x in enumerate((-0.1, -0.05, -0.01, 0.03, 0.065)):
         ang = (-0.5 if i == 0 else 0.1 * (i - 2)) * (0.5 + 0.5 * sx)
@@ -288,11 +344,11 @@ def _build_elbow(p, view):
     an.bone(Tube(shift, -0.6, shift, -0.1, 0.055 * p["wf"]))
     an.bone(Blob(shift, -0.06, 0.115 if view != 1 else 0.07, 0.05, 0.0, 0.85))
     an.joint(shift, -0.005, 0.0, 0.1)
-    for (x0, y0, x1, y1, r) in ((0.025, 0.04, 0.04, 0.6, 0.035), (-0.055, 0.06, -0.065, 0.6, 0.03)):
+    for x0, y0, x1, y1, r in ((0.025, 0.04, 0.04, 0.6, 0.035), (-0.055, 0.06, -0.065, 0.6, 0.03)):
         a0, b0 = rot(x0, y0)
         a1, b1 = rot(x1, y1)
         an.bone(Tube(a0 + shift, b0, a1 + shift, b1, r * p["wf"]))
-    for (x, y, a, b) in ((0.03, 0.01, 0.045, 0.04), (-0.055, 0.045, 0.035, 0.018)):
+    for x, y, a, b in ((0.03, 0.01, 0.045, 0.04), (-0.055, 0.045, 0.035, 0.018)):
         a0, b0 = rot(x, y)
         an.bone(Blob(a0 + shift, b0, a, b, beta))
     an.soft.append(Tube(shift, -0.65, shift, 0.0, 0.13, 0.0, 1.0))
@@ -365,8 +421,10 @@ class _Pose:
 
     def pt(self, x: float, y: float) -> tuple[float, float]:
         x *= self.mirror
-        return (self.cx + self.scale * (self.cos * x - self.sin * y),
-                self.cy + self.scale * (self.sin * x + self.cos * y))
+        return (
+            self.cx + self.scale * (self.cos * x - self.sin * y),
+            self.cy + self.scale * (self.sin * x + self.cos * y),
+        )
 
     def ang(self, a: float) -> float:
         """Map a direction angle measured from 'up' (see :func:`_dir`)."""
@@ -395,10 +453,11 @@ def _box(shape, x0, x1, y0, y1):
     return (slice(ya, yb), slice(xa, xb)), xs, ys
 
 
-def _tube_box(t: Tube, shape, pad: float = 0.0):
-    p = t.r + 1.0 + pad
-    return _box(shape, min(t.x0, t.x1) - p, max(t.x0, t.x1) + p,
-                min(t.y0, t.y1) - p, max(t.y0, t.y1) + p)
+def _tube_box(t: Tube, shape):
+    p = t.r + 1.0
+    return _box(
+        shape, min(t.x0, t.x1) - p, max(t.x0, t.x1) + p, min(t.y0, t.y1) - p, max(t.y0, t.y1) + p
+    )
 
 
 def _tube_val(t: Tube, xs, ys):
@@ -526,8 +585,11 @@ class _Ctx:
             if math.hypot(t.x1 - t.x0, t.y1 - t.y0) >= 2.5 * t.r:
                 u = float(self.rng.uniform(lo, hi))
                 out.append(((t.x0 + u * (t.x1 - t.x0), t.y0 + u * (t.y1 - t.y0)), i))
-        return out or [(((t.x0 + t.x1) / 2, (t.y0 + t.y1) / 2), i)
-                       for i in self.an.shafts for t in [self.bones[i]]]
+        return out or [
+            (((t.x0 + t.x1) / 2, (t.y0 + t.y1) / 2), i)
+            for i in self.an.shafts
+            for t in [self.bones[i]]
+        ]
 
     def u(self, lo: float, hi: float) -> float:
         return float(self.rng.uniform(lo, hi))
@@ -546,18 +608,41 @@ def _plan_fracture(c: _Ctx, f: _Finding) -> None:
     ax, ay, _ = _axis(t)
     phi = c.u(-0.6, 0.6)  # obliquity of the fracture line
     nx, ny = ax * math.cos(phi) - ay * math.sin(phi), ax * math.sin(phi) + ay * math.cos(phi)
-    width = max(0.8, 0.022 * c.size * c.sev * c.u(0.7, 1.3))
+    width = max(0.8, 0.028 * c.size * c.sev * c.u(0.7, 1.3))
     depth = min(0.95, 0.9 * c.contrast * c.u(0.85, 1.1))
     displaced = c.rng.random() < max(0.1, 0.9 - 0.7 * (1.2 - c.sev))
-    off = t.r * c.u(0.3, 0.7) * min(c.sev, 1.3) if displaced else 0.0
     side = float(c.rng.choice([-1.0, 1.0]))
-    f.fracture = (i, (fx, fy), (nx, ny), width, depth, (-ay * off * side, ax * off * side))
-    half = t.r / max(abs(math.cos(phi)), 0.5) + off
+    off = t.r * c.u(0.3, 0.8) * min(c.sev, 1.3) * side if displaced else 0.0
+    bend = c.u(0.05, 0.25) * min(c.sev, 1.3) * side if displaced else 0.0  # angulation
+    # The distal fragment: rotated by `bend` about the fracture point, then shifted sideways.
+    cb, sb = math.cos(bend), math.sin(bend)
+
+    def move(x: float, y: float) -> tuple[float, float]:
+        return (
+            fx + cb * (x - fx) - sb * (y - fy) - ay * off,
+            fy + sb * (x - fx) + cb * (y - fy) + ax * off,
+        )
+
+    distal = Tube(*move(t.x0, t.y0), *move(t.x1, t.y1), t.r, t.k, t.dens)
+    f.fracture = (i, (fx, fy), (nx, ny), width, depth, distal)
+    half = t.r / max(abs(math.cos(phi)), 0.5) + abs(off) + abs(bend) * t.r
     lx, ly = -ny, nx
-    f.pts += [(fx + s * lx * half + w * nx * 2 * width, fy + s * ly * half + w * ny * 2 * width)
-              for s in (-1, 1) for w in (-1, 1)]
-    f.extra_soft.append(Tube(fx - ax * t.r * 2, fy - ay * t.r * 2, fx + ax * t.r * 2,
-                             fy + ay * t.r * 2, t.r * 2.4, 0.0, 0.5 * c.contrast * min(c.sev, 1.2)))
+    f.pts += [
+        (fx + s * lx * half + w * nx * 2 * width, fy + s * ly * half + w * ny * 2 * width)
+        for s in (-1, 1)
+        for w in (-1, 1)
+    ]
+    f.extra_soft.append(
+        Tube(
+            fx - ax * t.r * 2,
+            fy - ay * t.r * 2,
+            fx + ax * t.r * 2,
+            fy + ay * t.r * 2,
+            t.r * 2.4,
+            0.0,
+            0.5 * c.contrast * min(c.sev, 1.2),
+        )
+    )
 
 
 def _plan_hardware(c: _Ctx, f: _Finding) -> None:
@@ -580,8 +665,11 @@ def _plan_hardware(c: _Ctx, f: _Finding) -> None:
             sx, sy = hx + ax * s - ay * side * 0.1 * t.r, hy + ay * s + ax * side * 0.1 * t.r
             f.metal.append((sx, sy, ang + math.pi / 2, t.r * 1.4, max(0.8, 0.2 * t.r)))
         for cx, cy in ((pcx, pcy), (hx, hy)):
-            f.pts += [(cx + ax * hl * u - ay * v * t.r * 1.3, cy + ay * hl * u + ax * v * t.r * 1.3)
-                      for u in (-1, 1) for v in (-1, 1)]
+            f.pts += [
+                (cx + ax * hl * u - ay * v * t.r * 1.3, cy + ay * hl * u + ax * v * t.r * 1.3)
+                for u in (-1, 1)
+                for v in (-1, 1)
+            ]
         return
     k = 1 if style == "wire" else int(c.rng.integers(1, 4))
     for j in range(k):
@@ -614,11 +702,23 @@ def _plan_degenerative(c: _Ctx, f: _Finding) -> None:
             tilt = c.u(0.2, 0.8) * along
             ox, oy = side * px + tilt * dx, side * py + tilt * dy
             n = math.hypot(ox, oy)
-            f.extra_bone.append(Tube(bx, by, bx + ox / n * spur, by + oy / n * spur,
-                                     spur * 0.5, 0.0, 1.5 * c.contrast))
+            f.extra_bone.append(
+                Tube(
+                    bx,
+                    by,
+                    bx + ox / n * spur,
+                    by + oy / n * spur,
+                    spur * 0.5,
+                    0.0,
+                    1.5 * c.contrast,
+                )
+            )
     reach, ext = hw + spur, band + spur
-    f.pts += [(jx + s * px * reach + t * dx * ext, jy + s * py * reach + t * dy * ext)
-              for s in (-1, 1) for t in (-1, 1)]
+    f.pts += [
+        (jx + s * px * reach + t * dx * ext, jy + s * py * reach + t * dy * ext)
+        for s in (-1, 1)
+        for t in (-1, 1)
+    ]
 
 
 def _plan_lesion(c: _Ctx, f: _Finding) -> None:
@@ -628,7 +728,7 @@ def _plan_lesion(c: _Ctx, f: _Finding) -> None:
     b = c.bones[i]
     bone_r = b.r if isinstance(b, Tube) else min(b.a, b.b)
     jit = c.u(-0.25, 0.25) * bone_r
-    rad = max(1.5, min(0.045 * c.size * c.sev * c.u(0.75, 1.3), 1.6 * bone_r))
+    rad = max(1.5, min(0.055 * c.size * c.sev * c.u(0.75, 1.3), 1.8 * bone_r))
     lucent = bool(c.rng.random() < 0.65)
     depth = min(0.95, 0.9 * c.contrast * c.u(0.85, 1.1))
     f.lesion = (lx + jit * 0.7, ly + jit * 0.7, rad, lucent, depth)
@@ -659,9 +759,12 @@ def _draw_lesion(b: np.ndarray, lx: float, ly: float, rad: float, lucent: bool, 
 
 
 def _draw_fracture(b: np.ndarray, t: Tube, fr) -> None:
-    """Draw bone ``t`` broken: a dark wobbly band across it, the distal part shifted."""
-    _, (fx, fy), (nx, ny), width, depth, (ox, oy) = fr
-    box = _tube_box(t, b.shape, pad=abs(ox) + abs(oy))
+    """Draw bone ``t`` broken: a dark wobbly band across it, the distal fragment displaced."""
+    _, (fx, fy), (nx, ny), width, depth, distal = fr
+    p = t.r + 1.0
+    xs_all = (t.x0, t.x1, distal.x0, distal.x1)
+    ys_all = (t.y0, t.y1, distal.y0, distal.y1)
+    box = _box(b.shape, min(xs_all) - p, max(xs_all) + p, min(ys_all) - p, max(ys_all) + p)
     if not box:
         return
     sl, xs, ys = box
@@ -669,8 +772,7 @@ def _draw_fracture(b: np.ndarray, t: Tube, fr) -> None:
     along = (xs - fx) * -ny + (ys - fy) * nx
     s = s + 0.35 * width * np.sin(along * (2.6 / max(t.r, 1.0)))
     mix = np.clip(s + 0.5, 0.0, 1.0)
-    shifted = Tube(t.x0 + ox, t.y0 + oy, t.x1 + ox, t.y1 + oy, t.r, t.k, t.dens)
-    v = _tube_val(t, xs, ys) * (1.0 - mix) + _tube_val(shifted, xs, ys) * mix
+    v = _tube_val(t, xs, ys) * (1.0 - mix) + _tube_val(distal, xs, ys) * mix
     v *= 1.0 - depth * np.exp(-((s * (1.0 / width)) ** 2))
     b[sl] += v
 
@@ -696,7 +798,9 @@ def _smooth_noise(rng, h: int, w: int, cells: int) -> np.ndarray:
 def _marker(img, rng, avoid) -> None:
     """Stamp a bright block letter L or R near a corner, avoiding the finding's box."""
     h, w = img.shape
-    glyph = np.array([[c == "1" for c in row] for row in _GLYPHS[str(rng.choice(["L", "R"]))]], np.float32)
+    glyph = np.array(
+        [[c == "1" for c in row] for row in _GLYPHS[str(rng.choice(["L", "R"]))]], np.float32
+    )
     cell = max(1, int(round(min(h, w) * float(rng.uniform(0.045, 0.08)) / 7)))
     g = np.kron(glyph, np.ones((cell, cell), np.float32))
     gh, gw = g.shape
@@ -708,13 +812,17 @@ def _marker(img, rng, avoid) -> None:
         y = my if corner < 2 else h - my - gh
         if x - pad < 0 or y - pad < 0 or x + gw + pad > w or y + gh + pad > h:
             continue
-        if avoid[0] >= 0 and not (x + gw + pad < avoid[0] or x - pad > avoid[2] or
-                                   y + gh + pad < avoid[1] or y - pad > avoid[3]):
+        if avoid[0] >= 0 and not (
+            x + gw + pad < avoid[0]
+            or x - pad > avoid[2]
+            or y + gh + pad < avoid[1]
+            or y - pad > avoid[3]
+        ):
             continue
         val = float(rng.uniform(0.85, 1.0))
         if boxed:
-            img[y - pad:y + gh + pad, x - pad:x + gw + pad] = float(rng.uniform(0.0, 0.15))
-        region = img[y:y + gh, x:x + gw]
+            img[y - pad : y + gh + pad, x - pad : x + gw + pad] = float(rng.uniform(0.0, 0.15))
+        region = img[y : y + gh, x : x + gw]
         region[:] = region * (1 - g) + val * g
         return
 
@@ -741,8 +849,14 @@ def render(job: ImageJob, seed: int, size: int, difficulty: float):
     base = 0.0 if portrait else math.pi / 2 * float(rng.choice([-1.0, 1.0]))
     theta = base + math.radians(float(rng.uniform(-20, 20)))
     scale = size * float(rng.uniform(0.85, 1.1))
-    pose = _Pose(w / 2 + size * float(rng.uniform(-0.04, 0.04)), h / 2 + size * float(rng.uniform(-0.04, 0.04)),
-                 scale, math.cos(theta), math.sin(theta), sp["side"] * float(rng.choice([-1.0, 1.0], p=[0.2, 0.8])))
+    pose = _Pose(
+        w / 2 + size * float(rng.uniform(-0.04, 0.04)),
+        h / 2 + size * float(rng.uniform(-0.04, 0.04)),
+        scale,
+        math.cos(theta),
+        math.sin(theta),
+        sp["side"] * float(rng.choice([-1.0, 1.0], p=[0.2, 0.8])),
+    )
     an = _BUILDERS[job.part](sp, view)
     bones = [pose.prim(p) for p in an.bones]
     joints = [(*pose.pt(x, y), pose.ang(a), hw * scale) for x, y, a, hw in an.joints]
@@ -752,9 +866,16 @@ def render(job: ImageJob, seed: int, size: int, difficulty: float):
     bbox = (-1, -1, -1, -1)
     if job.finding != "none" and job.visible:
         ease = PART_EASE[job.part]
-        ctx = _Ctx(np.random.default_rng([seed, TAG_IMAGE, job.idx, 1]), an, bones, joints, shape,
-                   size, sev=ease * (1.55 - 1.1 * difficulty),
-                   contrast=min(1.0, math.sqrt(ease) * (1.25 - 0.7 * difficulty)))
+        ctx = _Ctx(
+            np.random.default_rng([seed, TAG_IMAGE, job.idx, 1]),
+            an,
+            bones,
+            joints,
+            shape,
+            size,
+            sev=ease * (1.55 - 1.1 * difficulty),
+            contrast=min(1.0, math.sqrt(ease) * (1.25 - 0.7 * difficulty)),
+        )
         finding = _Finding()
         _PLANNERS[job.finding](ctx, finding)
         bbox = finding.bbox(shape)
@@ -775,7 +896,9 @@ def render(job: ImageJob, seed: int, size: int, difficulty: float):
 
     tex = _smooth_noise(rng, h, w, max(3, size // 40))
     bone *= 1.0 + 0.12 * tex
-    atten = (_MU_SOFT * soft * float(rng.uniform(0.7, 1.3)) + _MU_BONE * sp["density"] * bone) / size
+    atten = (
+        _MU_SOFT * soft * float(rng.uniform(0.7, 1.3)) + _MU_BONE * sp["density"] * bone
+    ) / size
     atten *= float(rng.uniform(0.8, 1.25))
     atten += metal
     ramp = np.linspace(-1, 1, h, dtype=np.float32)[:, None] * float(rng.uniform(-0.08, 0.08))
@@ -784,7 +907,7 @@ def render(job: ImageJob, seed: int, size: int, difficulty: float):
     img = lo + (hi - lo) * img ** float(rng.uniform(0.8, 1.3)) + 0.5 * lo * ramp
     img = _blur(img.astype(np.float32), max(0.35, 0.65 * size / 256))
 
-    if rng.random() < 0.4:  # collimation: a bright or dark frame, never over the finding
+    if rng.random() < 0.3:  # collimation: a bright or dark frame, never over the finding
         m = [int(d * float(rng.uniform(0.0, 0.12))) for d in (w, h, w, h)]
         x0, y0, x1, y1 = m[0], m[1], w - m[2], h - m[3]
         if bbox[0] >= 0:
@@ -795,7 +918,7 @@ def render(job: ImageJob, seed: int, size: int, difficulty: float):
         img = frame
     if rng.random() < 0.45:
         _marker(img, rng, bbox)
-    if rng.random() < 0.15:  # low contrast
+    if rng.random() < 0.1:  # low contrast
         a, c = float(rng.uniform(0.1, 0.3)), float(rng.uniform(0.5, 0.75))
         img = a + (c - a) * img
     img += rng.standard_normal(shape, dtype=np.float32) * float(rng.uniform(0.005, 0.03))
@@ -816,6 +939,8 @@ def render_chunk(root: str, jobs: list[ImageJob], seed: int, size: int, difficul
     base = Path(root)
     for job in jobs:
         pixels, visible, bbox = render(job, seed, size, difficulty)
-        Image.fromarray(pixels).save(base / job.rel_path, format="PNG", optimize=False, compress_level=6)
+        Image.fromarray(pixels).save(
+            base / job.rel_path, format="PNG", optimize=False, compress_level=6
+        )
         results.append((visible, bbox))
     return results
