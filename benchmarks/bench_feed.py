@@ -4,15 +4,13 @@ Real: cache -> :func:`~mura_tune.data.loader.batch_loader` -> ``to_unit`` -> ``a
 ``Normalize`` -> forward/backward/step, as :func:`mura_tune.train.run_training` does it.
 In memory: the same batches, produced once beforehand (augmented, normalised float tensors),
 then only forward/backward/step: the compute limit. The two arms run in one process on one
-model, in interleaved blocks, so machine load hits both alike. Also measured, to say where the
+model, alternating batch by batch, so machine load hits both alike. Also measured, to say where the
 difference goes: the data path alone (loader + augment + normalise, no model).
 
     python -m benchmarks.bench_feed
 """
 
 from __future__ import annotations
-
-import time
 
 from benchmarks.common import case, figure, image_table, log, stopwatch, synth_set
 
@@ -23,24 +21,28 @@ MODELS = {
 }
 
 
-def run(size: int = 128, batch_size: int = 32, batches: dict[str, int] | None = None, blocks: int = 4,
-        threads: int = 1, aug_strength: float = 0.5) -> dict:
+def run(
+    size: int = 128,
+    batch_size: int = 32,
+    batches: dict[str, int] | None = None,
+    threads: int = 1,
+    aug_strength: float = 0.5,
+) -> dict:
     """Measure both arms for each model.
 
     Args:
         size: image side.
         batch_size: images per step.
         batches: measured batches per arm and model (after one warm-up batch each).
-        blocks: the measured batches are split into this many interleaved blocks per arm.
         threads: torch CPU threads.
         aug_strength: augmentation strength of the real path.
     """
     import torch
 
-    from mura_tune.augment import Normalize, augment, to_unit
+    from mura_tune.augment import Normalize
     from mura_tune.config import TrainConfig
     from mura_tune.data.cache import build_cache
-    from mura_tune.data.loader import SplitData, batch_loader
+    from mura_tune.data.loader import SplitData
     from mura_tune.models import build_model
 
     batches = batches or {"custom_cnn": 16, "densenet121": 8}
@@ -48,56 +50,51 @@ def run(size: int = 128, batch_size: int = 32, batches: dict[str, int] | None = 
     table = image_table(synth_set()).reset_index(drop=True)
     paths = table["image_path"].tolist()
     cache = build_cache(paths, size, progress=False)
-    split = SplitData(rows=cache.rows(paths), labels=torch.tensor(table["label"].to_numpy(), dtype=torch.float32),
-                      weights=torch.ones(len(paths)), table=table)
+    split = SplitData(
+        rows=cache.rows(paths),
+        labels=torch.tensor(table["label"].to_numpy(), dtype=torch.float32),
+        weights=torch.ones(len(paths)),
+        table=table,
+    )
     normalize = Normalize()
-    raw: dict = {"image_size": size, "batch_size": batch_size, "threads": threads, "aug_strength": aug_strength,
-                 "num_workers": 0, "device": "cpu", "images_in_cache": len(paths)}
+    raw: dict = {
+        "image_size": size,
+        "batch_size": batch_size,
+        "threads": threads,
+        "aug_strength": aug_strength,
+        "num_workers": 0,
+        "device": "cpu",
+        "images_in_cache": len(paths),
+    }
     cases = {}
     for name, overrides in MODELS.items():
         n_batches = batches[name]
-        per_block = max(1, n_batches // blocks)
         config = TrainConfig(**overrides, image_size=size, batch_size=batch_size).validate()
         torch.manual_seed(0)
-        net = build_model(config)
-        net.train()
-        opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-4)
-        gen = torch.Generator().manual_seed(0)
-        loader_iter = _endless(lambda e: batch_loader(cache, split, batch_size, shuffle=True, seed=e))
-
-        def real_batch():
-            images, labels, weights, _ = next(loader_iter)
-            return normalize(augment(to_unit(images), aug_strength, gen)), labels, weights
-
-        def step(x, labels, weights):
-            logits = net(x).float()
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, weight=weights)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        real_batch, step = _arms(
+            build_model(config), cache, split, batch_size, normalize, aug_strength
+        )
 
         # The in-memory arm's batches: produced by the same pipeline, once, before timing.
-        memory = [real_batch() for _ in range(per_block)]
+        memory = [real_batch() for _ in range(min(n_batches, 4))]
         totals: dict[str, float] = {}
         counts = {"real": 0, "memory": 0, "data_only": 0}
         step(*real_batch())  # warm-up (allocator, first-call kernels)
         step(*memory[0])
-        for _ in range(blocks):
-            with stopwatch(totals, "real"):
-                for _ in range(per_block):
-                    x, labels, weights = real_batch()
+        # Arms alternate batch by batch (and which goes first), so load changes hit both alike.
+        for i in range(n_batches):
+            for arm in ("real", "memory") if i % 2 == 0 else ("memory", "real"):
+                with stopwatch(totals, arm):
+                    x, labels, weights = real_batch() if arm == "real" else memory[i % len(memory)]
                     step(x, labels, weights)
-                    counts["real"] += len(labels)
-            with stopwatch(totals, "memory"):
-                for x, labels, weights in memory:
-                    step(x, labels, weights)
-                    counts["memory"] += len(labels)
+                counts[arm] += len(labels)
             with stopwatch(totals, "data_only"):
-                for _ in range(per_block):
-                    counts["data_only"] += len(real_batch()[1])
+                counts["data_only"] += len(real_batch()[1])
         ips = {k: counts[k] / totals[k] for k in counts}
         ratio = ips["real"] / ips["memory"]
-        cpu_ratio = (counts["real"] / totals["real_cpu"]) / (counts["memory"] / totals["memory_cpu"])
+        cpu_ratio = (counts["real"] / totals["real_cpu"]) / (
+            counts["memory"] / totals["memory_cpu"]
+        )
         raw[name] = {
             "real_images_per_s": round(ips["real"], 2), "memory_images_per_s": round(ips["memory"], 2),
             "data_path_only_images_per_s": round(ips["data_only"], 1),
@@ -108,16 +105,48 @@ def run(size: int = 128, batch_size: int = 32, batches: dict[str, int] | None = 
             "config": {k: v for k, v in config.to_dict().items() if k in ("model", "depth", "unfreeze_blocks", "pretrained")},
         }  # fmt: skip
         cases[name] = case(ratio, ">=", TARGETS[name])
-        log(f"feed {name}: real {ips['real']:.1f} img/s vs in-memory {ips['memory']:.1f} img/s -> {ratio:.3f}")
+        log(
+            f"feed {name}: real {ips['real']:.1f} img/s vs in-memory {ips['memory']:.1f} img/s -> {ratio:.3f}"
+        )
     worst = min(c["ratio"] / TARGETS[n] for n, c in cases.items())
     headline = cases["densenet121"]["ratio"]
-    notes = (f"Training images/s at {size} px, batch {batch_size}, {threads} torch thread, CPU, num_workers=0 "
-             f"(loader, augment and normalise run in the training thread, in series with the model). "
-             f"Headline = densenet121 (unfreeze_blocks=1, random init); cases hold both models' ratios "
-             f"(targets: custom_cnn >= 0.8, densenet121 >= 0.9). data_path_share_of_step = the data path's "
-             f"time / (data path + compute): on a GPU the augment runs on the device and num_workers>0 "
-             f"overlaps loading with compute. Min ratio/target: {worst:.3f}.")
-    return figure(ratio=headline, op=">=", target=TARGETS["densenet121"], raw=raw, notes=notes, cases=cases)
+    notes = (
+        f"Training images/s at {size} px, batch {batch_size}, {threads} torch thread, CPU, num_workers=0 "
+        f"(loader, augment and normalise run in the training thread, in series with the model). "
+        f"Headline = densenet121 (unfreeze_blocks=1, random init); cases hold both models' ratios "
+        f"(targets: custom_cnn >= 0.8, densenet121 >= 0.9). data_path_share_of_step = the data path's "
+        f"time / (data path + compute): on a GPU the augment runs on the device and num_workers>0 "
+        f"overlaps loading with compute. Min ratio/target: {worst:.3f}."
+    )
+    return figure(
+        ratio=headline, op=">=", target=TARGETS["densenet121"], raw=raw, notes=notes, cases=cases
+    )
+
+
+def _arms(net, cache, split, batch_size: int, normalize, aug_strength: float):
+    """``real_batch()`` (the next batch through the real data path) and ``step(x, labels, weights)``."""
+    import torch
+
+    from mura_tune.augment import augment, to_unit
+    from mura_tune.data.loader import batch_loader
+
+    net.train()
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    batches = _endless(lambda e: batch_loader(cache, split, batch_size, shuffle=True, seed=e))
+
+    def real_batch():
+        images, labels, weights, _ = next(batches)
+        return normalize(augment(to_unit(images), aug_strength, gen)), labels, weights
+
+    def step(x, labels, weights) -> None:
+        logits = net(x).float()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, weight=weights)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return real_batch, step
 
 
 def _endless(make):

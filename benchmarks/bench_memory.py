@@ -30,7 +30,7 @@ SIZE = 320
 MIB = 2**20
 
 
-def run(size: int = SIZE, poll_s: float = 0.2, timeout_s: float = 600) -> dict:
+def run(size: int = SIZE, poll_s: float = 1.0, timeout_s: float = 900) -> dict:
     """Run 1 trial, then 2 concurrent trials, on the same cache; compare their memory."""
     from mura_tune.data.cache import build_cache
     from mura_tune.data.split import assign_split, write_split
@@ -58,25 +58,43 @@ def run(size: int = SIZE, poll_s: float = 0.2, timeout_s: float = 600) -> dict:
         "peak_rss_single_mb": round(single["peak_rss"][0] / MIB, 1),
         "peak_rss_pair_mb": [round(x / MIB, 1) for x in pair["peak_rss"]],
     }  # fmt: skip
-    log(f"memory: second trial adds {added_data / MIB:.1f} MB of cache pages ({ratio:.3f} of the "
-        f"{cache_bytes / MIB:.0f} MB cache); whole-process PSS +{added_total / MIB:.0f} MB")
-    notes = ("Linux /proc/<pid>/smaps of real run_training processes (custom_cnn depth 1, 1 epoch, 1 thread, num_workers=0), "
-             "sampled every 0.2 s and once in sync when every trial has read every cache row with the "
-             "mapping open. ratio = (sum over trials of the images.npy mapping's PSS with 2 trials - with "
-             "1 trial) / cache size: the cache memory the second trial adds. Each trial's RSS counts the "
-             "whole shared cache (RSS double-counts shared pages; PSS does not), and its cache mapping has "
-             "no private pages. second_trial_adds_whole_process_pss_mb is everything the second trial "
-             "adds (Python, torch, model, batches), not data.")
+    log(
+        f"memory: second trial adds {added_data / MIB:.1f} MB of cache pages ({ratio:.3f} of the "
+        f"{cache_bytes / MIB:.0f} MB cache); whole-process PSS +{added_total / MIB:.0f} MB"
+    )
+    notes = (
+        "Linux /proc/<pid>/smaps of real run_training processes (custom_cnn depth 1, 1 epoch, 1 thread, num_workers=0), "
+        "sampled every second (smaps_rollup) and once in sync (full smaps) when every trial has read every cache row with the "
+        "mapping open. ratio = (sum over trials of the images.npy mapping's PSS with 2 trials - with "
+        "1 trial) / cache size: the cache memory the second trial adds. Each trial's RSS counts the "
+        "whole shared cache (RSS double-counts shared pages; PSS does not), and its cache mapping has "
+        "no private pages. second_trial_adds_whole_process_pss_mb is everything the second trial "
+        "adds (Python, torch, model, batches), not data."
+    )
     return figure(ratio=ratio, op="<=", target=TARGET, raw=raw, notes=notes)
 
 
-def _phase(n: int, split_path: Path, array: str, size: int, poll_s: float, timeout_s: float) -> dict:
+def _phase(
+    n: int, split_path: Path, array: str, size: int, poll_s: float, timeout_s: float
+) -> dict:
     """Start ``n`` trials at once, sample them until all have signalled, then release them."""
     procs = []
     for i in range(n):
         out = WORK / "memory" / f"trial{n}-{i}"
-        cmd = [sys.executable, "-m", "benchmarks.bench_memory", "--child", str(split_path), str(out), str(size)]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.bench_memory",
+            "--child",
+            str(split_path),
+            str(out),
+            str(size),
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            )
+        )
     ready = [False] * n
 
     def watch(i: int, stream) -> None:
@@ -95,10 +113,12 @@ def _phase(n: int, split_path: Path, array: str, size: int, poll_s: float, timeo
             total = 0
             for i, p in enumerate(procs):
                 if p.poll() is not None and not ready[i]:
-                    raise RuntimeError(f"memory benchmark: trial {i} exited early with code {p.returncode}")
-                m = _smaps(p.pid, array)
-                peak_rss[i] = max(peak_rss[i], m["total"]["Rss"])
-                total += m["total"]["Pss"]
+                    raise RuntimeError(
+                        f"memory benchmark: trial {i} exited early with code {p.returncode}"
+                    )
+                m = _rollup(p.pid)
+                peak_rss[i] = max(peak_rss[i], m["Rss"])
+                total += m["Pss"]
             peak_total_pss = max(peak_total_pss, total)
             samples += 1
             time.sleep(poll_s)
@@ -118,20 +138,52 @@ def _phase(n: int, split_path: Path, array: str, size: int, poll_s: float, timeo
                 p.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 p.kill()
-    return {"sync": sync, "peak_rss": peak_rss, "peak_total_pss": peak_total_pss, "samples": samples,
-            "seconds": round(time.time() - start, 1)}
+    return {
+        "sync": sync,
+        "peak_rss": peak_rss,
+        "peak_total_pss": peak_total_pss,
+        "samples": samples,
+        "seconds": round(time.time() - start, 1),
+    }
 
 
 def _summary(phase: dict) -> dict:
     def mb(d: dict) -> dict:
         return {k: round(v / MIB, 1) for k, v in d.items()}
 
-    return {"trials": [{"whole": mb(m["total"]), "cache_mapping": mb(m["cache"])} for m in phase["sync"]],
-            "peak_total_pss_mb": round(phase["peak_total_pss"] / MIB, 1), "samples": phase["samples"],
-            "seconds": phase["seconds"]}
+    return {
+        "trials": [
+            {"whole": mb(m["total"]), "cache_mapping": mb(m["cache"])} for m in phase["sync"]
+        ],
+        "peak_total_pss_mb": round(phase["peak_total_pss"] / MIB, 1),
+        "samples": phase["samples"],
+        "seconds": phase["seconds"],
+    }
 
 
-FIELDS = ("Rss", "Pss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Private_Dirty", "Anonymous")
+FIELDS = (
+    "Rss",
+    "Pss",
+    "Shared_Clean",
+    "Shared_Dirty",
+    "Private_Clean",
+    "Private_Dirty",
+    "Anonymous",
+)
+
+
+def _rollup(pid: int) -> dict:
+    """Whole-process smaps totals (bytes) from the cheap ``smaps_rollup``."""
+    out = dict.fromkeys(FIELDS, 0)
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines()[1:]:
+        key, _, rest = line.partition(":")
+        if key in out:
+            out[key] = int(rest.split()[0]) * 1024
+    return out
 
 
 def _smaps(pid: int, array: str) -> dict:
@@ -163,8 +215,18 @@ def child(split_path: str, out: str, size: int) -> None:
     from mura_tune.train import run_training
 
     # The smallest trial that still reads every row: the figure is about memory, not compute.
-    config = TrainConfig(model="custom_cnn", depth=1, base_filters=1, batch_norm=False, image_size=size, batch_size=32,
-                         max_epochs=1, aug_strength=0.0, threads=1, device="cpu")
+    config = TrainConfig(
+        model="custom_cnn",
+        depth=1,
+        base_filters=1,
+        batch_norm=False,
+        image_size=size,
+        batch_size=32,
+        max_epochs=1,
+        aug_strength=0.0,
+        threads=1,
+        device="cpu",
+    )
 
     def on_epoch(metrics: dict, state: dict) -> None:
         print("READY", flush=True)

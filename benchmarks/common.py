@@ -149,7 +149,9 @@ def figure(
         met = check(value, op, target)
         if cases and met is not None:
             met = met and all(c.get("met") for c in cases.values())
-    out: dict[str, Any] = {"ratio": _round(ratio)} if seconds is None else {"seconds": _round(seconds)}
+    out: dict[str, Any] = (
+        {"ratio": _round(ratio)} if seconds is None else {"seconds": _round(seconds)}
+    )
     out.update({"target": f"{op} {target:g}", "met": met, "raw": raw, "notes": notes})
     if cases:
         out["cases"] = cases

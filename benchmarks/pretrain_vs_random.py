@@ -29,6 +29,7 @@ def run(
     image_size: int = 64,
     unfreeze_blocks: int = 1,
     pretrain_epochs: int | None = None,
+    weights: str | Path | None = None,
     lr: float = 1e-3,
     threads: int = 1,
     out: str | Path = "results/pretrain_vs_random",
@@ -41,6 +42,8 @@ def run(
         image_size: input side for pretraining and fine-tuning.
         unfreeze_blocks: trainable last blocks of the backbone during fine-tuning.
         pretrain_epochs: body-part pretraining epochs (default: what ``pretrained: auto`` uses).
+        weights: body-part weights to fine-tune from (default: build or reuse exactly the file
+            ``pretrained: auto`` uses offline, with ``pretrain_epochs``).
         lr: fine-tuning learning rate.
         threads: torch CPU threads per run (1 is fastest on a shared 2-core machine).
         out: folder for the runs' outputs.
@@ -51,16 +54,23 @@ def run(
     from mura_tune.config import TrainConfig
     from mura_tune.data.mura import read_dataset
     from mura_tune.data.split import assign_split
-    from mura_tune.pretrain import AUTO_EPOCHS, ensure_bodypart_weights
+    from mura_tune.pretrain import AUTO_EPOCHS, ensure_bodypart_weights, pretrain_bodypart
     from mura_tune.train import run_training
 
     os.environ["OMP_NUM_THREADS"] = str(threads)
     out = Path(out)
     table = assign_split(read_dataset(None).table, 0.2, 0)
     t0 = time.time()
-    weights = ensure_bodypart_weights(
-        MODEL, data=None, image_size=image_size, split_seed=0, epochs=pretrain_epochs or AUTO_EPOCHS
-    )
+    if weights is not None:
+        weights = Path(weights)
+    elif pretrain_epochs in (None, AUTO_EPOCHS):  # exactly what `pretrained: auto` uses offline
+        weights = ensure_bodypart_weights(MODEL, data=None, image_size=image_size, split_seed=0)
+    else:
+        weights = out / f"{MODEL}-bodypart-e{pretrain_epochs}-{image_size}px.safetensors"
+        if not weights.with_suffix(".json").exists():
+            pretrain_bodypart(
+                MODEL, out=weights, epochs=pretrain_epochs, image_size=image_size, threads=threads
+            )
     info = json.loads(weights.with_suffix(".json").read_text())
     result = {
         "pretrain": {
@@ -117,4 +127,32 @@ def run(
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(), indent=2))
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--unfreeze-blocks", type=int, default=1)
+    parser.add_argument("--pretrain-epochs", type=int, default=None)
+    parser.add_argument("--weights", default=None)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="results/pretrain_vs_random")
+    a = parser.parse_args()
+    print(
+        json.dumps(
+            run(
+                tuple(a.seeds),
+                a.epochs,
+                a.image_size,
+                a.unfreeze_blocks,
+                a.pretrain_epochs,
+                a.weights,
+                a.lr,
+                a.threads,
+                a.out,
+            ),
+            indent=2,
+        )
+    )

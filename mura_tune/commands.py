@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from mura_tune.cli import paths_written, print_json
-from mura_tune.errors import ConfigError, ExperimentError
+from mura_tune.errors import ConfigError, DataError, ExperimentError
 
 
 def dispatch(args) -> int:
@@ -182,6 +182,10 @@ def report(args) -> int:
 
 
 def cam(args) -> int:
+    # Checked before cam (and torch) is imported: a mistyped path fails in a second.
+    for flag, value in (("--checkpoint", args.checkpoint), ("--image", args.image)):
+        if value is not None and not Path(value).is_file():
+            raise DataError(f"{flag} {value}: file not found")
     from mura_tune.cam import cam_command
 
     paths_written(*cam_command(args.checkpoint, image=args.image, study=args.study, out=args.out))

@@ -142,23 +142,23 @@ def select(
 
 
 def _check_finished(exp: Path) -> None:
-    """Raise a clear error when no trial of the experiment finished (e.g. every trial errored)."""
+    """Fail clearly when every trial of the experiment errored (the board then has no metric columns).
+
+    The message has the form of the one below in :func:`build_ensemble`, plus the first error's reason.
+    """
     path = exp / "leaderboard.parquet"
     if not path.is_file():
         return  # read_candidates names the missing file
     board = pd.read_parquet(path)
-    if "status" not in board.columns or len(board) == 0:
+    if "status" not in board.columns or len(board) == 0 or (board["status"] != ERROR).any():
         return
-    failed = board[board["status"] == ERROR]
-    if len(failed) == len(board):
-        first = failed.iloc[0]
-        reason = (
-            first.get("reason") if isinstance(first.get("reason"), str) else "no reason recorded"
-        )
-        raise ExperimentError(
-            f"no finished trial in {exp}: all {len(board)} trial(s) ended in ERROR "
-            f"(first: {first['trial_id']}: {reason})"
-        )
+    first = board.iloc[0]
+    reason = first.get("reason")
+    why = f", {reason}" if isinstance(reason, str) and reason else ""
+    raise ExperimentError(
+        f"no finished generalist trial with predictions in {exp} "
+        f"({len(board)} trial(s) skipped: {first['trial_id']} status ERROR{why})"
+    )
 
 
 def _finite(x: float) -> float | None:

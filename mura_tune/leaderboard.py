@@ -71,7 +71,8 @@ def _ray_error_line(state: dict) -> str | None:
     return lines[-1][:300] if lines else None
 
 
-def _status(ray_state: dict | None, summary: dict | None, error: dict | None) -> tuple[str, str | None]:
+def _status(ray_state: dict | None, summary: dict | None, error: dict | None,
+            recovered: dict | None = None) -> tuple[str, str | None]:
     """(status, reason) of one trial from Ray's record and the trial's own files.
 
     Ray's record decides whether a trial errored, is unfinished or was stopped by ASHA; the
@@ -88,8 +89,11 @@ def _status(ray_state: dict | None, summary: dict | None, error: dict | None) ->
     if final in ("completed", "early_stopped"):
         return COMPLETED, None
     if ray_state is None:
-        if error is not None:
-            return ERROR, reason
+        told = (recovered or {}).get("optuna_state")  # only Optuna saw it end (written by --resume)
+        if error is not None or told == "FAIL":
+            return ERROR, reason or "trial failed"
+        if told == "PRUNED":
+            return PRUNED, "stopped by ASHA"
         return RUNNING, "not in Ray's saved state (just started, or the driver stopped first; --resume re-runs it)"
     if ray_state["status"] in ("PENDING", "RUNNING", "PAUSED"):
         return ray_state["status"], None
@@ -116,7 +120,8 @@ def build_leaderboard(exp_dir: str | Path, write: bool = True) -> pd.DataFrame:
         meta = json.loads((trial_dir / "trial.json").read_text())
         summary = _read_json(trial_dir / "summary.json")
         error = _read_json(trial_dir / "error.json")
-        status, reason = _status(ray_states.get(meta["trial_id"]), summary, error)
+        recovered = _read_json(trial_dir / "recovered.json")
+        status, reason = _status(ray_states.get(meta["trial_id"]), summary, error, recovered)
         row = {"experiment": exp_dir.name, "trial_id": meta["trial_id"], "space": meta["space"], "scope": meta["scope"],
                "status": status, "reason": reason}
         metrics = pd.read_parquet(trial_dir / "metrics.parquet") if (trial_dir / "metrics.parquet").exists() else None

@@ -18,18 +18,22 @@ import re
 import shlex
 import signal
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mura_tune.constants import BODY_PARTS, METRIC, MODE, TIME_ATTR
+from mura_tune.constants import BODY_PARTS, METRIC, MODE
 from mura_tune.errors import ConfigError, ExperimentError
 from mura_tune.leaderboard import SPECIALISTS_DIR, read_ray_state
 
 EXPERIMENT_FILE = "experiment.json"
+RESUME_FILE = "resume.pt"  # trials/<id>/resume.pt: the unfinished trial's resumable state
+RECOVERED_FILE = "recovered.json"  # a trial only Optuna saw end (the driver died before Ray saved it)
+#: ASHA's and TPE's time axis: our own epoch counter, which survives restarts (Ray's
+#: ``training_iteration`` starts again at 1 when a trial is restarted without a Ray checkpoint).
+STEP = "epoch"
 ORPHANED_DIR = "orphaned"  # trials a killed driver started but Ray never recorded (re-run on --resume)
 URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
@@ -84,10 +88,15 @@ class SearchPlan:
 def trial_main(params: dict, ctx: dict) -> None:
     """Ray trainable: one trial = one :func:`run_training` with per-epoch ``tune.report``.
 
-    Every attempt (first run, retry after a failure, restart after ``--resume``) continues from
-    the trial's last Ray checkpoint and appends itself to ``trial.json["attempts"]``. A trial
-    that already finished (its final ``summary.json`` matches the checkpoint) returns at once,
-    leaving its files untouched.
+    The trial keeps its own resumable state, ``trials/<id>/resume.pt`` (model, optimizer,
+    scheduler, RNG, history; written atomically after every epoch, removed when the trial
+    finishes), on the shared results folder. Every attempt (the first, a Ray retry after an
+    error or a lost node, a restart after ``--resume``) continues from it and appends itself to
+    ``trial.json["attempts"]``. Ray gets no checkpoints: its retention deletes a trial's
+    previous checkpoint before its own saved state stops pointing at it, so a driver killed in
+    between could never restore that trial. A trial that already finished (final
+    ``summary.json``) re-reports its last epoch, so Ray, ASHA and TPE learn how it ended, and
+    returns leaving its files untouched.
     """
     import pandas as pd
     import ray
@@ -95,7 +104,7 @@ def trial_main(params: dict, ctx: dict) -> None:
     from ray import tune
 
     from mura_tune.config import TrainConfig
-    from mura_tune.io import write_json
+    from mura_tune.io import atomic_path, write_json
     from mura_tune.spaces import get_space, split_params
     from mura_tune.train import TrialDiverged, run_training
 
@@ -106,21 +115,15 @@ def trial_main(params: dict, ctx: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     node_id = ray.get_runtime_context().get_node_id()
 
-    resume_state = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            resume_state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
     summary = _read_json(out / "summary.json") or {}
     if summary.get("status") == "diverged":
         raise TrialDiverged(summary.get("reason"))  # a retry would diverge again
     if summary.get("status") in ("completed", "early_stopped"):
-        # Finished before the driver stopped: keep its files untouched. If Ray missed the last
-        # epoch's report (killed in between), report it now so ASHA and TPE learn how it ended.
-        if resume_state is None or resume_state["epoch"] < summary.get("epochs", 0):
-            last = json.loads(pd.read_parquet(out / "metrics.parquet").iloc[-1].to_json())
-            tune.report({**{k: v for k, v in last.items() if v is not None}, "node_id": node_id})
+        last = json.loads(pd.read_parquet(out / "metrics.parquet").iloc[-1].to_json())
+        tune.report({**{k: v for k, v in last.items() if v is not None}, "node_id": node_id})
         return
+    resume_path = out / RESUME_FILE
+    resume_state = torch.load(resume_path, map_location="cpu", weights_only=True) if resume_path.exists() else None
 
     space = get_space(ctx["space"])
     config = TrainConfig.from_dict({**ctx["fixed"], **split_params(space, params)}, source=f"trial {trial_id}")
@@ -142,11 +145,13 @@ def trial_main(params: dict, ctx: dict) -> None:
     def on_epoch(metrics: dict, state: dict) -> None:
         if fault and fault[0] != "nan" and metrics["epoch"] == fault[1]:
             _inject(fault[0])
+        if metrics["trial_finished"]:
+            resume_path.unlink(missing_ok=True)  # summary.json is final: nothing left to resume
+        else:
+            with atomic_path(resume_path, suffix=".pt") as tmp:
+                torch.save(state, tmp)
         report = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
-        report["node_id"] = node_id
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(state, Path(d) / "state.pt")
-            tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
+        tune.report({**report, "node_id": node_id})
 
     split_table = pd.read_parquet(ctx["split_path"])
     try:
@@ -227,6 +232,7 @@ def trial_dirname(trial) -> str:
 # --- searcher ------------------------------------------------------------------------------------
 def _searcher_class():
     from optuna.trial import TrialState
+    from ray.tune.search import Searcher
     from ray.tune.search.optuna import OptunaSearch
 
     class MuraOptunaSearch(OptunaSearch):
@@ -236,24 +242,38 @@ def _searcher_class():
         stopped after one epoch would count as a finished trial with its 1-epoch score. Our
         trainable reports ``trial_finished`` on its last epoch; a trial that ends without it
         was stopped by the scheduler and is told to Optuna as PRUNED (its intermediate values
-        were reported every epoch). Errors and non-finite values are FAIL, never a score.
-        Each Optuna trial records its Ray trial id (user attribute ``ray_trial_id``), so a
-        resumed search can tell which Optuna trials the killed driver left behind. Telling an
-        Optuna trial that is already finished (possible after a driver crash) is a no-op.
+        were reported every epoch, with the epoch as step). Errors and non-finite values are
+        FAIL, never a score.
+
+        Crash safety: each Optuna trial records its Ray trial id (user attribute
+        ``ray_trial_id``), so a resumed search can tell which Optuna trials a killed driver left
+        behind; telling an Optuna trial that is already finished is a no-op; and the study
+        never grows past ``num_samples`` trials (re-queued WAITING trials are proposed first),
+        whatever Ray's own trial counter restored from a state saved before the crash says.
         """
 
+        def __init__(self, *args, num_samples: int, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._num_samples = num_samples
+
         def suggest(self, trial_id: str):
+            if trial_id not in self._ot_trials and self._budget_spent():
+                return Searcher.FINISHED
             config = super().suggest(trial_id)
             ot_trial = self._ot_trials.get(trial_id)
             if ot_trial is not None and ot_trial.user_attrs.get("ray_trial_id") != trial_id:
                 ot_trial.set_user_attr("ray_trial_id", trial_id)  # also re-points a re-queued trial
             return config
 
+        def _budget_spent(self) -> bool:
+            trials = self._ot_study.get_trials(deepcopy=False)
+            return len(trials) >= self._num_samples and not any(t.state == TrialState.WAITING for t in trials)
+
         def on_trial_result(self, trial_id: str, result: dict) -> None:
-            if trial_id in self._ot_trials and not self._finished_in_storage(trial_id):
-                value = result.get(self.metric)
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    super().on_trial_result(trial_id, result)
+            value, step = result.get(self.metric), result.get(STEP)
+            if trial_id in self._ot_trials and trial_id not in self._completed_trials and step is not None \
+                    and isinstance(value, (int, float)) and math.isfinite(value) and not self._finished_in_storage(trial_id):
+                self._ot_trials[trial_id].report(value, step)
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
             if trial_id in self._completed_trials or trial_id not in self._ot_trials:
@@ -263,7 +283,7 @@ def _searcher_class():
                 return
             ot_trial = self._ot_trials[trial_id]
             result = result or {}
-            value, step = result.get(self.metric), result.get(TIME_ATTR)
+            value, step = result.get(self.metric), result.get(STEP)
             finite = isinstance(value, (int, float)) and math.isfinite(value)
             if not error and finite and step is not None:
                 # Ray hands the final result only to on_trial_complete: record it as the last rung value.
@@ -298,7 +318,7 @@ def make_searcher(plan: SearchPlan, scope: str, sample_fn):
                                              n_startup_trials=startup)
     storage = optuna.storages.RDBStorage(f"sqlite:///{Path(plan.exp_dir) / 'optuna.db'}")
     return _searcher_class()(space=sample_fn, metric=METRIC, mode=MODE, sampler=sampler,
-                             study_name=f"{plan.name}:{scope}", storage=storage, seed=plan.seed)
+                             study_name=f"{plan.name}:{scope}", storage=storage, seed=plan.seed, num_samples=n)
 
 
 def make_scheduler(plan: SearchPlan):
@@ -306,7 +326,7 @@ def make_scheduler(plan: SearchPlan):
 
     if plan.random_search:
         return FIFOScheduler()
-    return ASHAScheduler(time_attr=TIME_ATTR, metric=METRIC, mode=MODE, max_t=plan.max_epochs,
+    return ASHAScheduler(time_attr=STEP, metric=METRIC, mode=MODE, max_t=plan.max_epochs,
                          grace_period=plan.grace_period, reduction_factor=plan.reduction_factor)
 
 
@@ -320,8 +340,8 @@ def plan_search(args) -> SearchPlan:
     cuda = _cuda_visible()
     preset_name = args.preset or ("gpu" if cuda else "cpu")
     preset = space.preset(preset_name)
-    num_samples = args.num_samples or preset.pop("num_samples", 10)
-    max_epochs = args.max_epochs or preset.pop("max_epochs", 5)
+    num_samples = args.num_samples if args.num_samples is not None else preset.pop("num_samples", 10)
+    max_epochs = args.max_epochs if args.max_epochs is not None else preset.pop("max_epochs", 5)
     preset.pop("num_samples", None), preset.pop("max_epochs", None), preset.pop("space_args", None)
     _check(num_samples >= 1, f"--num-samples must be >= 1, got {num_samples}")
     _check(max_epochs >= 1, f"--max-epochs must be >= 1, got {max_epochs}")
@@ -398,11 +418,12 @@ def prepare_experiment(plan: SearchPlan, val_fraction: float) -> None:
         from mura_tune.io import write_parquet
 
         write_parquet(exp / "skipped_images.parquet", cache.unreadable)
+        if plan.strict:  # one line: the error, not a "will be skipped" notice before it
+            first = cache.unreadable.iloc[0]
+            raise ExperimentError(f"{len(cache.unreadable)} unreadable image(s), e.g. {first['image_path']}: {first['reason']} "
+                                  f"(--strict; list in {exp / 'skipped_images.parquet'})")
         print(f"mura-tune: {len(cache.unreadable)} unreadable image(s) will be skipped; list in {exp / 'skipped_images.parquet'}",
               file=sys.stderr)
-        if plan.strict:
-            first = cache.unreadable.iloc[0]
-            raise ExperimentError(f"{len(cache.unreadable)} unreadable image(s), e.g. {first['image_path']}: {first['reason']} (--strict)")
     if plan.fixed.get("pretrained") == "auto":
         models = _space_models(plan)
         resolved = {m: resolve_auto(m, data=plan.data, image_size=int(plan.fixed.get("image_size", 64))) for m in models}
@@ -495,9 +516,7 @@ def _run_scope(plan: SearchPlan, scope: str, resume: bool):
                                     trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(
             name=ray_dir.name, storage_path=str(ray_dir.parent),
-            failure_config=tune.FailureConfig(max_failures=plan.max_failures),
-            # num_to_keep=1 also makes Ray save its experiment state after every trial checkpoint.
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=plan.max_failures),  # retries resume from resume.pt
             progress_reporter=reporter, verbose=1,
         ),
     )
@@ -509,33 +528,74 @@ def _report_params(space, plan) -> list[str]:
 
 
 # --- crash recovery ----------------------------------------------------------------------------------
+def _study(plan: SearchPlan, scope: str):
+    """(storage, study id) of the scope's Optuna study, or (None, None) before it exists."""
+    import optuna
+
+    db = Path(plan.exp_dir) / "optuna.db"
+    if not db.exists():
+        return None, None
+    storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+    try:
+        return storage, storage.get_study_id_from_name(f"{plan.name}:{scope}")
+    except KeyError:
+        return storage, None
+
+
 def scope_done(plan: SearchPlan, scope: str) -> bool:
-    """Ray's saved state holds every trial of the scope and none is unfinished."""
+    """Every planned trial of the scope has ended, according to both Ray's saved state and Optuna."""
     state = read_ray_state(plan.ray_dir(scope))
-    return state is not None and len(state) >= plan.scopes[scope] and all(t["status"] not in UNFINISHED for t in state.values())
+    if state is None or any(t["status"] in UNFINISHED for t in state.values()):
+        return False
+    storage, study_id = _study(plan, scope)
+    trials = storage.get_all_trials(study_id, deepcopy=False) if study_id is not None else []
+    return len(trials) >= plan.scopes[scope] and all(t.state.is_finished() for t in trials)
 
 
 def recover_scope(plan: SearchPlan, scope: str) -> tuple[list[str], int]:
     """Before resuming a scope, put back what a killed driver left half-done.
 
-    Ray saves its experiment state after every trial checkpoint, so a driver killed with
-    SIGKILL may have started trials Ray never recorded. Their folders move to
-    ``<exp>/orphaned/`` (kept for inspection, out of the leaderboard), and their Optuna trials,
-    still RUNNING in ``optuna.db``, go back to WAITING so the resumed searcher proposes exactly
-    those parameters again: the study ends with ``num_samples`` trials, as planned.
+    Ray saves its experiment state every few seconds, so a driver killed with SIGKILL may have
+    started trials Ray never recorded ("orphans"). An orphan that finished (its own files say
+    so, or Optuna heard its end) is kept: Optuna is told its result if it was not, and the
+    searcher's budget counts it. Any other orphan (seconds of work) moves to ``<exp>/orphaned/``
+    for inspection, and its Optuna trial, still RUNNING in ``optuna.db``, goes back to WAITING
+    so the resumed searcher proposes exactly those parameters again: the study ends with
+    ``num_samples`` trials, as planned.
 
     Returns:
-        (orphaned Ray trial ids, Optuna trials re-queued)
+        (orphaned trial ids moved aside, Optuna trials re-queued)
     """
-    import optuna
+    import pandas as pd
     from optuna.trial import TrialState
 
+    from mura_tune.io import write_json
+
     known = set(read_ray_state(plan.ray_dir(scope)) or {})
+    storage, study_id = _study(plan, scope)
+    trials = storage.get_all_trials(study_id, deepcopy=False) if study_id is not None else []
+    by_ray_id = {t.user_attrs.get("ray_trial_id"): t for t in trials}
     exp = Path(plan.exp_dir)
-    orphans = []
+    moved = []
     for trial_dir in sorted((exp / "trials").glob("*")):
         meta = _read_json(trial_dir / "trial.json")
         if trial_dir.name in known or meta is None or meta.get("scope") != scope:
+            continue
+        told = by_ray_id.get(trial_dir.name)
+        final = (_read_json(trial_dir / "summary.json") or {}).get("status")
+        failed = final == "diverged" or (trial_dir / "error.json").exists()
+        if told is not None and not told.state.is_finished() and (failed or final in ("completed", "early_stopped")):
+            optuna_id = storage.get_trial_id_from_study_id_trial_number(study_id, told.number)
+            values = [] if failed else pd.read_parquet(trial_dir / "metrics.parquet")[[STEP, METRIC]].dropna().values
+            for epoch, value in values:  # as the searcher would have: every epoch, then the last as the result
+                storage.set_trial_intermediate_value(optuna_id, int(epoch), float(value))
+            if len(values) and math.isfinite(values[-1][1]):
+                storage.set_trial_state_values(optuna_id, TrialState.COMPLETE, [float(values[-1][1])])
+            else:
+                storage.set_trial_state_values(optuna_id, TrialState.FAIL)
+            told = storage.get_trial(optuna_id)
+        if told is not None and told.state.is_finished():
+            write_json(trial_dir / RECOVERED_FILE, {"optuna_state": told.state.name, "time": time.time()})
             continue
         dest = exp / ORPHANED_DIR / trial_dir.name
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -543,19 +603,19 @@ def recover_scope(plan: SearchPlan, scope: str) -> tuple[list[str], int]:
         ray_trial = plan.ray_dir(scope) / f"ray-{trial_dir.name}"
         if ray_trial.exists():
             os.replace(ray_trial, dest / "ray")
-        orphans.append(trial_dir.name)
+        moved.append(trial_dir.name)
     requeued = 0
-    if (exp / "optuna.db").exists():
-        storage = optuna.storages.RDBStorage(f"sqlite:///{exp / 'optuna.db'}")
-        try:
-            study_id = storage.get_study_id_from_name(f"{plan.name}:{scope}")
-        except KeyError:
-            return orphans, 0
-        for trial in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-            if trial.user_attrs.get("ray_trial_id") not in known:
-                trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-                requeued += bool(storage.set_trial_state_values(trial_id, TrialState.WAITING))
-    return orphans, requeued
+    for trial in storage.get_all_trials(study_id, deepcopy=False) if study_id is not None else []:
+        if trial.state == TrialState.RUNNING and trial.user_attrs.get("ray_trial_id") not in known:
+            optuna_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+            requeued += bool(storage.set_trial_state_values(optuna_id, TrialState.WAITING))
+    return moved, requeued
+
+
+def _drop_resume_states(plan: SearchPlan, scope: str) -> None:
+    """A scope is done: no trial will resume, so free the disk its resume states hold (pruned trials')."""
+    for trial_id in read_ray_state(plan.ray_dir(scope)) or {}:
+        (Path(plan.exp_dir) / "trials" / trial_id / RESUME_FILE).unlink(missing_ok=True)
 
 
 def resume_command(plan: SearchPlan) -> str:
@@ -609,14 +669,15 @@ def run_search(args) -> int:
             if args.resume:
                 if scope_done(plan, scope):
                     continue
-                orphans, requeued = recover_scope(plan, scope)
-                if orphans or requeued:
-                    print(f"mura-tune: {scope}: {len(orphans)} trial(s) started after Ray's last saved state moved to "
-                          f"{Path(plan.exp_dir) / ORPHANED_DIR}; {requeued} Optuna trial(s) will run again with the same parameters")
+                moved, requeued = recover_scope(plan, scope)
+                if moved or requeued:
+                    print(f"mura-tune: {scope}: {requeued} trial(s) the stopped driver had started but Ray had not "
+                          f"recorded will run again with the same parameters (old folders: {Path(plan.exp_dir) / ORPHANED_DIR})")
             _run_scope(plan, scope, resume=args.resume)
             if not scope_done(plan, scope):
                 interrupted = True
                 break
+            _drop_resume_states(plan, scope)
     except KeyboardInterrupt:  # a second Ctrl-C: Ray may not have saved its very latest state
         interrupted = True
     finally:

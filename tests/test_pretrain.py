@@ -186,6 +186,7 @@ def test_hub_offline_makes_no_connection(no_network, monkeypatch):
     assert not imagenet_available("densenet121") and no_network == []
 
 
+@pytest.mark.slow
 def test_training_records_bodypart_source(pretrained, small_data, tmp_path):
     config = TrainConfig(
         model="densenet121",
@@ -211,6 +212,7 @@ def run_training_quiet(config, split, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_ensure_builds_once(small_data, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     first = ensure_bodypart_weights(

@@ -40,7 +40,7 @@ PATTERN_TEXT = "MURA-v1.1/<split>/XR_<PART>/patient<digits>/study<k>_<positive|n
 class Problem:
     """One problem found in the dataset: what kind, which file, and where it was listed."""
 
-    kind: str  # bad_path | label_mismatch | unlabeled_study | duplicate | missing | unreadable
+    kind: str  # bad_path | label_mismatch | unlabeled_study | duplicate | missing | unreadable (| converted: a note)
     path: str
     detail: str
 

@@ -564,8 +564,9 @@ class _Ctx:
     joints: list
     shape: tuple[int, int]
     size: int
-    sev: float  # size multiplier (1 at difficulty 0.5 for an average part)
+    sev: float  # size multiplier (~1.6 at difficulty 0.5 for an average part)
     contrast: float  # contrast multiplier (<= 1)
+    difficulty: float
 
     def pick(self, cands):
         """A random candidate whose anchor lies inside the frame (else the most central one)."""
@@ -643,6 +644,12 @@ def _plan_fracture(c: _Ctx, f: _Finding) -> None:
             0.5 * c.contrast * min(c.sev, 1.2),
         )
     )
+    if c.rng.random() < 0.4 * (1.0 - c.difficulty):  # a cast: a faint wide sleeve
+        reach = min(0.3 * c.size, 0.5 * _axis(t)[2])
+        f.extra_bone.append(
+            Tube(fx - ax * reach, fy - ay * reach, fx + ax * reach, fy + ay * reach,
+                 t.r * c.u(2.6, 3.4), 0.88, 0.12)
+        )  # fmt: skip
 
 
 def _plan_hardware(c: _Ctx, f: _Finding) -> None:
@@ -728,7 +735,7 @@ def _plan_lesion(c: _Ctx, f: _Finding) -> None:
     b = c.bones[i]
     bone_r = b.r if isinstance(b, Tube) else min(b.a, b.b)
     jit = c.u(-0.25, 0.25) * bone_r
-    rad = max(1.5, min(0.055 * c.size * c.sev * c.u(0.75, 1.3), 1.8 * bone_r))
+    rad = max(1.5, min(0.055 * c.size * c.sev * c.u(0.75, 1.3), 2.5 * bone_r))
     lucent = bool(c.rng.random() < 0.65)
     depth = min(0.95, 0.9 * c.contrast * c.u(0.85, 1.1))
     f.lesion = (lx + jit * 0.7, ly + jit * 0.7, rad, lucent, depth)
@@ -873,8 +880,9 @@ def render(job: ImageJob, seed: int, size: int, difficulty: float):
             joints,
             shape,
             size,
-            sev=ease * (1.55 - 1.1 * difficulty),
-            contrast=min(1.0, math.sqrt(ease) * (1.25 - 0.7 * difficulty)),
+            sev=ease * (0.45 + 2.3 * (1.0 - difficulty)),
+            contrast=min(1.0, math.sqrt(ease) * (1.5 - 0.9 * difficulty)),
+            difficulty=difficulty,
         )
         finding = _Finding()
         _PLANNERS[job.finding](ctx, finding)

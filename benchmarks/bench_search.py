@@ -1,0 +1,253 @@
+"""``search_efficiency``: TPE+ASHA vs random search without early stopping, equal wall-clock budgets.
+
+Both arms are the real search path of :mod:`mura_tune.tuning` (``plan_search`` from the
+command line's own argument parser, ``prepare_experiment``, the same trainable, searcher and
+scheduler); the only addition is Ray Tune's ``TuneConfig(time_budget_s=...)``, which the
+command line does not expose. A Tune callback records, in the driver, the wall time of every
+epoch's ``val_kappa_study``. Every reported epoch counts (each one could be the checkpoint a
+trial keeps), in both arms alike.
+
+Per seed (the seed sets the split and both samplers) and arm: the best val study kappa within
+the budget, and the time to first reach the random arm's final best. The figure is the median
+over seeds of time(TPE+ASHA) / time(random).
+
+    python -m benchmarks.bench_search
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import statistics
+import time
+
+from benchmarks.common import WORK, figure, log
+
+TARGET = 0.5
+ARMS = ("tpe_asha", "random")
+
+
+def run(
+    seeds: tuple[int, ...] = (0, 1, 2),
+    budget_s: float = 60.0,
+    num_samples: int = 24,
+    max_epochs: int = 4,
+    image_size: int = 64,
+    cpus_per_trial: int = 1,
+) -> dict:
+    """Run both arms for every seed (arms alternate which goes first) and compare.
+
+    Args:
+        seeds: search seeds (split, sampler); at least 3 for a median.
+        budget_s: wall-clock budget of every search.
+        num_samples: trial cap of both arms (TPE's random start-up is ``max(2, min(10, n // 3))``).
+        max_epochs: epochs of a full trial (ASHA's max_t).
+        image_size: input side.
+        cpus_per_trial: CPUs per trial (2 cores -> 2 concurrent trials).
+    """
+    import ray
+
+    from mura_tune import tuning
+    from mura_tune.data.cache import build_cache
+    from mura_tune.data.mura import read_dataset
+
+    build_cache(read_dataset(None).table["image_path"].tolist(), image_size, progress=False)
+    root = WORK / "search"
+    shutil.rmtree(root, ignore_errors=True)
+    tuning.init_ray(None)
+    runs: dict[str, dict[int, dict]] = {arm: {} for arm in ARMS}
+    try:
+        for i, seed in enumerate(seeds):
+            for arm in ARMS if i % 2 == 0 else ARMS[::-1]:
+                runs[arm][seed] = _search(
+                    tuning,
+                    root,
+                    arm,
+                    seed,
+                    budget_s,
+                    num_samples,
+                    max_epochs,
+                    image_size,
+                    cpus_per_trial,
+                )
+                r = runs[arm][seed]
+                log(
+                    f"search_efficiency seed {seed} {arm}: best {r['best']:.3f} after {r['trials']} trials, "
+                    f"{r['epochs']} epochs in {r['seconds']:.0f} s"
+                )
+    finally:
+        ray.shutdown()
+
+    per_seed = {}
+    ratios = []
+    for seed in seeds:
+        target_value = runs["random"][seed]["best"]
+        t_rand = _time_to(runs["random"][seed]["events"], target_value)
+        t_tpe = _time_to(runs["tpe_asha"][seed]["events"], target_value)
+        ratio = (t_tpe / t_rand if t_rand else math.inf) if t_tpe is not None else math.inf
+        ratios.append(ratio if ratio != math.inf else budget_s / max(t_rand or budget_s, 1e-9))
+        per_seed[str(seed)] = {
+            "random_final_best": _r(target_value), "tpe_asha_final_best": _r(runs["tpe_asha"][seed]["best"]),
+            "random_seconds_to_its_best": _r(t_rand), "tpe_asha_seconds_to_random_best": _r(t_tpe),
+            "ratio": _r(ratio) if ratio != math.inf else None, "reached": t_tpe is not None,
+            **{f"{arm}_{k}": runs[arm][seed][k] for arm in ARMS for k in ("trials", "epochs", "seconds")},
+        }  # fmt: skip
+    median_ratio = statistics.median(ratios)
+    unreached = sum(1 for s in per_seed.values() if not s["reached"])
+    raw = {
+        "seeds": list(seeds), "budget_seconds": budget_s, "num_samples_cap": num_samples, "max_epochs": max_epochs,
+        "image_size": image_size, "cpus_per_trial": cpus_per_trial, "space": "custom_cnn", "data": "embedded",
+        "median_best_kappa": {arm: _r(statistics.median(runs[arm][s]["best"] for s in seeds)) for arm in ARMS},
+        "per_seed": per_seed,
+        "curves": {arm: {str(s): [[round(t, 1), _r(v)] for t, v in _best_so_far(runs[arm][s]["events"])]
+                         for s in seeds} for arm in ARMS},
+    }  # fmt: skip
+    notes = (
+        f"Equal wall-clock budgets of {budget_s:g} s per search (Ray's time_budget_s; the CLI has no such flag), "
+        f"{len(seeds)} seeds, custom_cnn space at {image_size} px on the embedded data, {cpus_per_trial} CPU per "
+        f"trial, max {max_epochs} epochs (ASHA grace 1, reduction 2). ratio = median over seeds of the time "
+        f"TPE+ASHA needs to reach random search's final best / the time random search needs. Val kappa on a "
+        f"small val set is noisy, and more configurations tried means more chances of a lucky score: "
+        f"read it with median_best_kappa and the curves."
+    )
+    if unreached:
+        notes += (
+            f" In {unreached} seed(s) TPE+ASHA never reached random's best within the budget; "
+            f"those count as budget / time(random), a lower bound."
+        )
+    return figure(ratio=median_ratio, op="<=", target=TARGET, raw=raw, notes=notes)
+
+
+def _search(
+    tuning,
+    root,
+    arm: str,
+    seed: int,
+    budget_s: float,
+    num_samples: int,
+    max_epochs: int,
+    image_size: int,
+    cpus_per_trial: int,
+) -> dict:
+    from mura_tune.cli import build_parser
+
+    argv = [
+        "search",
+        "--space",
+        "custom_cnn",
+        "--preset",
+        "cpu",
+        "--num-samples",
+        str(num_samples),
+        "--max-epochs",
+        str(max_epochs),
+        "--results",
+        str(root),
+        "--name",
+        f"{arm}-seed{seed}",
+        "--cpus-per-trial",
+        str(cpus_per_trial),
+        "--seed",
+        str(seed),
+        "--set",
+        f"image_size={image_size}",
+    ]
+    if arm == "random":
+        argv.append("--random-search")
+    args = build_parser().parse_args(argv)
+    plan = tuning.plan_search(args)
+    tuning.prepare_experiment(plan, args.val_fraction)
+    plan.save()
+    recorder = _recorder()
+    started = time.time()
+    recorder.t0 = started
+    _fit(tuning, plan, budget_s, recorder)
+    events = recorder.events
+    return {
+        "events": events,
+        "best": max((v for _, _, v in events), default=float("nan")),
+        "trials": len({tid for _, tid, _ in events}),
+        "epochs": len(events),
+        "seconds": round(time.time() - started, 1),
+    }
+
+
+def _fit(tuning, plan, budget_s: float, recorder) -> None:
+    """``tuning._run_scope`` for the main scope, plus ``time_budget_s`` and the recorder."""
+    from ray import tune
+
+    from mura_tune.spaces import get_space
+
+    scope = next(iter(plan.scopes))
+    ray_dir = plan.ray_dir(scope)
+    space = get_space(plan.space)
+    tuner = tune.Tuner(
+        tuning._trainable(plan, scope),
+        tune_config=tune.TuneConfig(
+            search_alg=tuning.make_searcher(plan, scope, space.sampler_fn(plan.preset)),
+            scheduler=tuning.make_scheduler(plan),
+            num_samples=plan.scopes[scope],
+            max_concurrent_trials=plan.max_concurrent,
+            trial_dirname_creator=tuning.trial_dirname,
+            time_budget_s=budget_s,
+        ),
+        run_config=tune.RunConfig(
+            name=ray_dir.name,
+            storage_path=str(ray_dir.parent),
+            failure_config=tune.FailureConfig(max_failures=plan.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=[recorder],
+            verbose=0,
+        ),
+    )
+    tuner.fit()
+
+
+def _recorder():
+    from ray.tune import Callback
+
+    from mura_tune.constants import METRIC
+
+    class Recorder(Callback):
+        """Driver-side wall time of every reported epoch's metric."""
+
+        def __init__(self):
+            self.t0 = time.time()
+            self.events: list[tuple[float, str, float]] = []
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            value = result.get(METRIC)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.events.append((time.time() - self.t0, trial.trial_id, float(value)))
+
+    return Recorder()
+
+
+def _best_so_far(events) -> list[tuple[float, float]]:
+    out, best = [], -math.inf
+    for t, _, v in sorted(events):
+        if v > best:
+            best = v
+            out.append((t, v))
+    return out
+
+
+def _time_to(events, value: float) -> float | None:
+    """First time the best-so-far reaches ``value`` (None if never)."""
+    for t, v in _best_so_far(events):
+        if v >= value - 1e-12:
+            return t
+    return None
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), 4)
+
+
+if __name__ == "__main__":
+    import json
+
+    from benchmarks.common import setup_env
+
+    setup_env()
+    print(json.dumps(run(), indent=2))
