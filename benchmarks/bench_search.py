@@ -173,15 +173,20 @@ def _search(
 
 
 def _fit(tuning, plan, budget_s: float, recorder) -> None:
-    """``tuning._run_scope`` for the main scope, plus ``time_budget_s`` and the recorder."""
+    build_tuner(plan, callbacks=[recorder], time_budget_s=budget_s).fit()
+
+
+def build_tuner(plan, callbacks=(), **tune_config):
+    """The ``tune.Tuner`` of ``tuning._run_scope`` for the main scope, plus extra ``TuneConfig`` fields."""
     from ray import tune
 
+    from mura_tune import tuning
     from mura_tune.spaces import get_space
 
     scope = next(iter(plan.scopes))
     ray_dir = plan.ray_dir(scope)
     space = get_space(plan.space)
-    tuner = tune.Tuner(
+    return tune.Tuner(
         tuning._trainable(plan, scope),
         tune_config=tune.TuneConfig(
             search_alg=tuning.make_searcher(plan, scope, space.sampler_fn(plan.preset)),
@@ -189,18 +194,17 @@ def _fit(tuning, plan, budget_s: float, recorder) -> None:
             num_samples=plan.scopes[scope],
             max_concurrent_trials=plan.max_concurrent,
             trial_dirname_creator=tuning.trial_dirname,
-            time_budget_s=budget_s,
+            **tune_config,
         ),
         run_config=tune.RunConfig(
             name=ray_dir.name,
             storage_path=str(ray_dir.parent),
             failure_config=tune.FailureConfig(max_failures=plan.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[recorder],
+            callbacks=list(callbacks),
             verbose=0,
         ),
     )
-    tuner.fit()
 
 
 def _recorder():

@@ -21,9 +21,20 @@ from mura_tune.errors import ExperimentError
 from mura_tune.io import write_parquet
 
 LEADERBOARD = "leaderboard.parquet"
-SPECIALISTS_DIR = "specialists"  # <exp>/specialists/<PART>/: the Ray folder of each specialist search
+#: <exp>/specialists/<PART>/: the Ray folder of each specialist search.
+SPECIALISTS_DIR = "specialists"
 RUNNING = "RUNNING"
-FIRST_COLUMNS = ["experiment", "trial_id", "space", "scope", "status", "reason", "epochs", "best_epoch", METRIC]
+FIRST_COLUMNS = [
+    "experiment",
+    "trial_id",
+    "space",
+    "scope",
+    "status",
+    "reason",
+    "epochs",
+    "best_epoch",
+    METRIC,
+]
 
 
 def read_ray_state(folder: str | Path) -> dict[str, dict] | None:
@@ -42,9 +53,12 @@ def read_ray_state(folder: str | Path) -> dict[str, dict] | None:
                 trial, meta = json.loads(trial_json), json.loads(meta_json)
                 error_file = meta.get("error_filename")
                 states[trial["trial_id"]] = {
-                    "status": trial["status"], "last_result": meta.get("last_result") or {},
+                    "status": trial["status"],
+                    "last_result": meta.get("last_result") or {},
                     "failures": int(meta.get("num_failures") or 0),
-                    "error_file": str(Path(folder) / trial.get("relative_logdir", "") / error_file) if error_file else None,
+                    "error_file": str(Path(folder) / trial.get("relative_logdir", "") / error_file)
+                    if error_file
+                    else None,
                 }
             return states
         except (OSError, ValueError, KeyError, TypeError):
@@ -65,14 +79,17 @@ def _ray_trial_states(exp_dir: Path) -> dict[str, dict]:
 def _ray_error_line(state: dict) -> str | None:
     """The last line of Ray's error.txt (e.g. ``ActorDiedError: ...`` when a node was lost)."""
     try:
-        lines = [ln.strip() for ln in Path(state["error_file"]).read_text().splitlines() if ln.strip()]
+        lines = [
+            ln.strip() for ln in Path(state["error_file"]).read_text().splitlines() if ln.strip()
+        ]
     except (OSError, TypeError):
         return None
     return lines[-1][:300] if lines else None
 
 
-def _status(ray_state: dict | None, summary: dict | None, error: dict | None,
-            recovered: dict | None = None) -> tuple[str, str | None]:
+def _status(
+    ray_state: dict | None, summary: dict | None, error: dict | None, recovered: dict | None = None
+) -> tuple[str, str | None]:
     """(status, reason) of one trial from Ray's record and the trial's own files.
 
     Ray's record decides whether a trial errored, is unfinished or was stopped by ASHA; the
@@ -94,7 +111,10 @@ def _status(ray_state: dict | None, summary: dict | None, error: dict | None,
             return ERROR, reason or "trial failed"
         if told == "PRUNED":
             return PRUNED, "stopped by ASHA"
-        return RUNNING, "not in Ray's saved state (just started, or the driver stopped first; --resume re-runs it)"
+        return (
+            RUNNING,
+            "not in Ray's saved state (just started, or the driver stopped first; --resume re-runs it)",
+        )
     if ray_state["status"] in ("PENDING", "RUNNING", "PAUSED"):
         return ray_state["status"], None
     if ray_state["last_result"].get("trial_finished"):
@@ -113,7 +133,9 @@ def build_leaderboard(exp_dir: str | Path, write: bool = True) -> pd.DataFrame:
         raise ExperimentError(f"experiment folder not found: {exp_dir}")
     trial_dirs = sorted(p for p in (exp_dir / "trials").glob("*") if (p / "trial.json").exists())
     if not trial_dirs:
-        raise ExperimentError(f"no trials in {exp_dir} (expected {exp_dir / 'trials'}/<id>/trial.json)")
+        raise ExperimentError(
+            f"no trials in {exp_dir} (expected {exp_dir / 'trials'}/<id>/trial.json)"
+        )
     ray_states = _ray_trial_states(exp_dir)
     rows = []
     for trial_dir in trial_dirs:
@@ -122,12 +144,26 @@ def build_leaderboard(exp_dir: str | Path, write: bool = True) -> pd.DataFrame:
         error = _read_json(trial_dir / "error.json")
         recovered = _read_json(trial_dir / "recovered.json")
         status, reason = _status(ray_states.get(meta["trial_id"]), summary, error, recovered)
-        row = {"experiment": exp_dir.name, "trial_id": meta["trial_id"], "space": meta["space"], "scope": meta["scope"],
-               "status": status, "reason": reason}
-        metrics = pd.read_parquet(trial_dir / "metrics.parquet") if (trial_dir / "metrics.parquet").exists() else None
+        row = {
+            "experiment": exp_dir.name,
+            "trial_id": meta["trial_id"],
+            "space": meta["space"],
+            "scope": meta["scope"],
+            "status": status,
+            "reason": reason,
+        }
+        metrics = (
+            pd.read_parquet(trial_dir / "metrics.parquet")
+            if (trial_dir / "metrics.parquet").exists()
+            else None
+        )
         row["epochs"] = int(len(metrics)) if metrics is not None else 0
         best_val, best_test, best_epoch = {}, {}, None
-        if metrics is not None and "best_epoch" in metrics and len(metrics.dropna(subset=["best_epoch"])):
+        if (
+            metrics is not None
+            and "best_epoch" in metrics
+            and len(metrics.dropna(subset=["best_epoch"]))
+        ):
             best_epoch = int(metrics["best_epoch"].dropna().iloc[-1])
             if best_epoch > 0:
                 best_row = metrics[metrics["epoch"] == best_epoch].iloc[0]
@@ -150,9 +186,17 @@ def build_leaderboard(exp_dir: str | Path, write: bool = True) -> pd.DataFrame:
         best_pt, preds = trial_dir / "best.pt", trial_dir / "predictions.parquet"
         row["checkpoint_path"] = str(best_pt) if best_pt.exists() and status != ERROR else None
         row["predictions_path"] = str(preds) if preds.exists() and status != ERROR else None
-        row["wall_seconds"] = _float((summary or {}).get("wall_seconds", metrics["epoch_seconds"].sum() if metrics is not None and "epoch_seconds" in metrics else math.nan))
+        row["wall_seconds"] = _float(
+            (summary or {}).get(
+                "wall_seconds",
+                metrics["epoch_seconds"].sum()
+                if metrics is not None and "epoch_seconds" in metrics
+                else math.nan,
+            )
+        )
         row["device"] = (summary or {}).get("device")
-        row["trial_index"] = meta.get("index")  # N of Ray's trial name t<N>_<id>: creation order in its scope
+        # N of Ray's trial name t<N>_<id>: the order the searcher created it in, in its scope.
+        row["trial_index"] = meta.get("index")
         row["node_id"] = meta.get("node_id")  # the Ray node of the last attempt
         attempts = meta.get("attempts") or [{"node_id": meta.get("node_id")}]
         row["attempts"] = len(attempts)
@@ -166,10 +210,16 @@ def build_leaderboard(exp_dir: str | Path, write: bool = True) -> pd.DataFrame:
         board[METRIC] = np.nan
     # Errors rank last whatever they reported; then the metric, NaN last.
     board["_error"] = board["status"] == ERROR
-    board = board.sort_values(["_error", METRIC], ascending=[True, MODE == "min"], na_position="last", kind="stable")
+    board = board.sort_values(
+        ["_error", METRIC], ascending=[True, MODE == "min"], na_position="last", kind="stable"
+    )
     board = board.drop(columns="_error").reset_index(drop=True)
     board.insert(0, "rank", np.arange(1, len(board) + 1))
-    ordered = ["rank"] + [c for c in FIRST_COLUMNS if c in board] + [c for c in board if c not in FIRST_COLUMNS and c != "rank"]
+    ordered = (
+        ["rank"]
+        + [c for c in FIRST_COLUMNS if c in board]
+        + [c for c in board if c not in FIRST_COLUMNS and c != "rank"]
+    )
     board = board[ordered]
     if write:
         write_parquet(exp_dir / LEADERBOARD, board)
@@ -182,9 +232,13 @@ def _typed(board: pd.DataFrame) -> pd.DataFrame:
         values = board[col].dropna()
         kinds = {type(v) for v in values}
         if len(kinds) > 1 and not kinds <= {int, float}:
-            board[col] = board[col].map(lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+            board[col] = board[col].map(
+                lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+            )
         elif kinds == {list}:
-            board[col] = board[col].map(lambda v: [int(x) for x in v] if isinstance(v, list) else None)
+            board[col] = board[col].map(
+                lambda v: [int(x) for x in v] if isinstance(v, list) else None
+            )
     return board
 
 
@@ -208,7 +262,17 @@ def load_leaderboard(exp_dir: str | Path) -> pd.DataFrame:
 
 
 def format_leaderboard(board: pd.DataFrame, top: int = 10) -> str:
-    cols = ["rank", "trial_id", "scope", "status", "epochs", METRIC, "val_auc", "val_loss", "test_kappa_study"]
+    cols = [
+        "rank",
+        "trial_id",
+        "scope",
+        "status",
+        "epochs",
+        METRIC,
+        "val_auc",
+        "val_loss",
+        "test_kappa_study",
+    ]
     hp = [c for c in board.columns if c.startswith("hp_")][:6]
     view = board[[c for c in cols + hp if c in board]].head(top).copy()
     view.columns = [c.removeprefix("hp_") for c in view.columns]

@@ -7,7 +7,7 @@ Only the ``train`` split is used: the split is the experiments' own patient-disj
 built from train paths only, and val/test images are never opened. A slice of the train
 patients (``HOLDOUT_FRACTION``) is held out to report an honest body-part accuracy.
 
-    mura-tune pretrain --backbone densenet121 --epochs 3 --out weights/densenet121-bodypart.safetensors
+    mura-tune pretrain --backbone densenet121 --epochs 2 --out weights/densenet121-bodypart.safetensors
     mura-tune train --set model=densenet121 --set unfreeze_blocks=1 \\
         --set pretrained=weights/densenet121-bodypart.safetensors
 
@@ -48,7 +48,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth")
 #: Fraction of train *patients* held out of pretraining to measure body-part accuracy.
 HOLDOUT_FRACTION = 0.1
 #: ``pretrained: auto`` defaults: ~1-2 min for densenet121 on the embedded data at 64 px (2 CPUs).
-AUTO_EPOCHS = 3
+AUTO_EPOCHS = 2
 AUTO_LR = 1e-3
 AUTO_BATCH_SIZE = 32
 AUG_STRENGTH = 0.5

@@ -3,10 +3,18 @@
     mura-tune --space densenet_finetune                       # local Ray, embedded data
     mura-tune --space custom_cnn --num-samples 50 --address auto --results /shared/results --preset gpu
 
-Trials run :func:`mura_tune.train.run_training` through ``tune.Tuner``, reporting once per epoch
-with a checkpoint. Optuna's TPE (seeded, ``constant_liar`` so parallel trials do not duplicate)
-proposes configurations; ASHA stops weak trials at its rungs, and those reach Optuna as PRUNED.
-Every path is resolved here in the driver; trials write only below ``<results>/<name>/``.
+Trials run :func:`mura_tune.train.run_training` through ``tune.Tuner``, reporting once per epoch.
+Optuna's TPE (seeded, ``constant_liar`` so parallel trials do not duplicate) proposes
+configurations; ASHA stops weak trials at its rungs, and those reach Optuna as PRUNED. Every path
+is resolved here in the driver; trials write only below ``<results>/<name>/``, which must be a
+folder every node mounts (cloud URIs are refused).
+
+Failures: a trial that raises, diverges or runs out of memory is ERROR (FAIL in Optuna, never a
+score); a trial whose node dies is retried (``--max-failures``) from its own ``resume.pt``;
+Ctrl-C or SIGTERM stops cleanly (exit 130, the resume command printed); after a SIGKILL,
+``--resume`` restarts unfinished trials from their ``resume.pt``, keeps finished ones untouched
+and re-queues in Optuna what the dead driver had started but Ray had not recorded. Test hook:
+``MURA_TUNE_FAULT`` (see :func:`_fault`).
 """
 
 from __future__ import annotations
@@ -30,11 +38,14 @@ from mura_tune.leaderboard import SPECIALISTS_DIR, read_ray_state
 
 EXPERIMENT_FILE = "experiment.json"
 RESUME_FILE = "resume.pt"  # trials/<id>/resume.pt: the unfinished trial's resumable state
-RECOVERED_FILE = "recovered.json"  # a trial only Optuna saw end (the driver died before Ray saved it)
+RECOVERED_FILE = (
+    "recovered.json"  # a trial only Optuna saw end (the driver died before Ray saved it)
+)
 #: ASHA's and TPE's time axis: our own epoch counter, which survives restarts (Ray's
 #: ``training_iteration`` starts again at 1 when a trial is restarted without a Ray checkpoint).
 STEP = "epoch"
-ORPHANED_DIR = "orphaned"  # trials a killed driver started but Ray never recorded (re-run on --resume)
+#: <exp>/orphaned/<id>/: trials a killed driver started but Ray never recorded (re-run on --resume).
+ORPHANED_DIR = "orphaned"
 URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
 REPORT_COLUMNS = [METRIC, "val_auc", "val_loss", "train_loss", "epoch"]
@@ -123,24 +134,44 @@ def trial_main(params: dict, ctx: dict) -> None:
         tune.report({**{k: v for k, v in last.items() if v is not None}, "node_id": node_id})
         return
     resume_path = out / RESUME_FILE
-    resume_state = torch.load(resume_path, map_location="cpu", weights_only=True) if resume_path.exists() else None
+    resume_state = (
+        torch.load(resume_path, map_location="cpu", weights_only=True)
+        if resume_path.exists()
+        else None
+    )
 
     space = get_space(ctx["space"])
-    config = TrainConfig.from_dict({**ctx["fixed"], **split_params(space, params)}, source=f"trial {trial_id}")
+    config = TrainConfig.from_dict(
+        {**ctx["fixed"], **split_params(space, params)}, source=f"trial {trial_id}"
+    )
     if ctx["cpus_per_trial"] and config.device in ("auto", "cpu") and not torch.cuda.is_available():
         config = config.updated({"threads": max(1, int(ctx["cpus_per_trial"]))})
     fault = _fault(ctx, index)
-    if fault and fault[0] == "nan":
-        config = config.updated({"lr": float("inf")}, source="MURA_TUNE_FAULT=nan")  # the loss becomes NaN
+    if fault and fault[0] == "nan":  # an infinite learning rate: the loss becomes NaN in epoch 1
+        config = config.updated({"lr": float("inf")}, source="MURA_TUNE_FAULT=nan")
     previous = _read_json(out / "trial.json") or {}
     last_error = _read_json(out / "error.json")
-    attempt = {"node_id": node_id, "started": time.time(), "resumed_from_epoch": resume_state["epoch"] if resume_state else 0,
-               "previous_error": (last_error or {}).get("reason")}
-    meta = {"trial_id": trial_id, "index": index, "experiment": ctx["name"], "space": ctx["space"], "scope": ctx["scope"],
-            "params": params, "node_id": node_id, "weights_source": ctx.get("weights_source"),
-            "started": previous.get("started", attempt["started"]), "attempts": [*previous.get("attempts", []), attempt]}
+    attempt = {
+        "node_id": node_id,
+        "started": time.time(),
+        "resumed_from_epoch": resume_state["epoch"] if resume_state else 0,
+        "previous_error": (last_error or {}).get("reason"),
+    }
+    meta = {
+        "trial_id": trial_id,
+        "index": index,
+        "experiment": ctx["name"],
+        "space": ctx["space"],
+        "scope": ctx["scope"],
+        "params": params,
+        "node_id": node_id,
+        "weights_source": ctx.get("weights_source"),
+        "started": previous.get("started", attempt["started"]),
+        "attempts": [*previous.get("attempts", []), attempt],
+    }
     write_json(out / "trial.json", meta)
-    (out / "error.json").unlink(missing_ok=True)  # an earlier attempt's error; this attempt may succeed
+    # An earlier attempt's error: this attempt may succeed.
+    (out / "error.json").unlink(missing_ok=True)
 
     def on_epoch(metrics: dict, state: dict) -> None:
         if fault and fault[0] != "nan" and metrics["epoch"] == fault[1]:
@@ -155,10 +186,21 @@ def trial_main(params: dict, ctx: dict) -> None:
 
     split_table = pd.read_parquet(ctx["split_path"])
     try:
-        run_training(config, split_table, out, on_epoch=on_epoch, resume_state=resume_state,
-                     strict=ctx["strict"], verbose=False, weights_source=ctx.get("weights_source"))
+        run_training(
+            config,
+            split_table,
+            out,
+            on_epoch=on_epoch,
+            resume_state=resume_state,
+            strict=ctx["strict"],
+            verbose=False,
+            weights_source=ctx.get("weights_source"),
+        )
     except Exception as exc:
-        write_json(out / "error.json", {"reason": f"{type(exc).__name__}: {exc}".splitlines()[0], "time": time.time()})
+        write_json(
+            out / "error.json",
+            {"reason": f"{type(exc).__name__}: {exc}".splitlines()[0], "time": time.time()},
+        )
         raise
 
 
@@ -194,8 +236,10 @@ def parse_faults(spec: str) -> dict[int | None, tuple[str, int]]:
         who, _, what = item.strip().rpartition(":")
         kind, _, at = what.partition("@")
         if kind not in FAULT_KINDS or not (at or "1").isdigit() or (who and not who.isdigit()):
-            raise ConfigError(f"MURA_TUNE_FAULT must be [TRIAL:]KIND[@EPOCH],... with KIND one of "
-                              f"{', '.join(FAULT_KINDS)}, got {spec!r}")
+            raise ConfigError(
+                f"MURA_TUNE_FAULT must be [TRIAL:]KIND[@EPOCH],... with KIND one of "
+                f"{', '.join(FAULT_KINDS)}, got {spec!r}"
+            )
         faults[int(who) if who else None] = (kind, int(at or 1))
     return faults
 
@@ -267,12 +311,20 @@ def _searcher_class():
 
         def _budget_spent(self) -> bool:
             trials = self._ot_study.get_trials(deepcopy=False)
-            return len(trials) >= self._num_samples and not any(t.state == TrialState.WAITING for t in trials)
+            return len(trials) >= self._num_samples and not any(
+                t.state == TrialState.WAITING for t in trials
+            )
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
             value, step = result.get(self.metric), result.get(STEP)
-            if trial_id in self._ot_trials and trial_id not in self._completed_trials and step is not None \
-                    and isinstance(value, (int, float)) and math.isfinite(value) and not self._finished_in_storage(trial_id):
+            if (
+                trial_id in self._ot_trials
+                and trial_id not in self._completed_trials
+                and step is not None
+                and isinstance(value, (int, float))
+                and math.isfinite(value)
+                and not self._finished_in_storage(trial_id)
+            ):
                 self._ot_trials[trial_id].report(value, step)
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
@@ -314,11 +366,24 @@ def make_searcher(plan: SearchPlan, scope: str, sample_fn):
     else:
         # Few startup trials for small budgets, TPE's default (10) for large ones.
         startup = max(2, min(10, n // 3))
-        sampler = optuna.samplers.TPESampler(seed=plan.seed, constant_liar=True, multivariate=True, group=True,
-                                             n_startup_trials=startup)
+        sampler = optuna.samplers.TPESampler(
+            seed=plan.seed,
+            constant_liar=True,
+            multivariate=True,
+            group=True,
+            n_startup_trials=startup,
+        )
     storage = optuna.storages.RDBStorage(f"sqlite:///{Path(plan.exp_dir) / 'optuna.db'}")
-    return _searcher_class()(space=sample_fn, metric=METRIC, mode=MODE, sampler=sampler,
-                             study_name=f"{plan.name}:{scope}", storage=storage, seed=plan.seed, num_samples=n)
+    return _searcher_class()(
+        space=sample_fn,
+        metric=METRIC,
+        mode=MODE,
+        sampler=sampler,
+        study_name=f"{plan.name}:{scope}",
+        storage=storage,
+        seed=plan.seed,
+        num_samples=n,
+    )
 
 
 def make_scheduler(plan: SearchPlan):
@@ -326,8 +391,14 @@ def make_scheduler(plan: SearchPlan):
 
     if plan.random_search:
         return FIFOScheduler()
-    return ASHAScheduler(time_attr=STEP, metric=METRIC, mode=MODE, max_t=plan.max_epochs,
-                         grace_period=plan.grace_period, reduction_factor=plan.reduction_factor)
+    return ASHAScheduler(
+        time_attr=STEP,
+        metric=METRIC,
+        mode=MODE,
+        max_t=plan.max_epochs,
+        grace_period=plan.grace_period,
+        reduction_factor=plan.reduction_factor,
+    )
 
 
 # --- driver ------------------------------------------------------------------------------------
@@ -340,25 +411,45 @@ def plan_search(args) -> SearchPlan:
     cuda = _cuda_visible()
     preset_name = args.preset or ("gpu" if cuda else "cpu")
     preset = space.preset(preset_name)
-    num_samples = args.num_samples if args.num_samples is not None else preset.pop("num_samples", 10)
+    num_samples = (
+        args.num_samples if args.num_samples is not None else preset.pop("num_samples", 10)
+    )
     max_epochs = args.max_epochs if args.max_epochs is not None else preset.pop("max_epochs", 5)
     preset.pop("num_samples", None), preset.pop("max_epochs", None), preset.pop("space_args", None)
     _check(num_samples >= 1, f"--num-samples must be >= 1, got {num_samples}")
     _check(max_epochs >= 1, f"--max-epochs must be >= 1, got {max_epochs}")
-    _check(1 <= args.grace_period <= max_epochs, f"--grace-period must be in [1, --max-epochs={max_epochs}], got {args.grace_period}")
-    _check(args.reduction_factor > 1, f"--reduction-factor must be > 1, got {args.reduction_factor}")
-    _check(args.max_concurrent is None or args.max_concurrent >= 1, f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+    _check(
+        1 <= args.grace_period <= max_epochs,
+        f"--grace-period must be in [1, --max-epochs={max_epochs}], got {args.grace_period}",
+    )
+    _check(
+        args.reduction_factor > 1, f"--reduction-factor must be > 1, got {args.reduction_factor}"
+    )
+    _check(
+        args.max_concurrent is None or args.max_concurrent >= 1,
+        f"--max-concurrent must be >= 1, got {args.max_concurrent}",
+    )
     _check(args.max_failures >= 0, f"--max-failures must be >= 0, got {args.max_failures}")
     gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if cuda else 0.0)
     _check(gpus >= 0, f"--gpus-per-trial must be >= 0, got {gpus}")
-    cpus = args.cpus_per_trial if args.cpus_per_trial is not None else (4.0 if gpus else float(os.cpu_count() or 1))
+    cpus = (
+        args.cpus_per_trial
+        if args.cpus_per_trial is not None
+        else (4.0 if gpus else float(os.cpu_count() or 1))
+    )
     _check(cpus > 0, f"--cpus-per-trial must be > 0, got {cpus}")
     overrides = parse_overrides(args.set)
     fixed = {**space.fixed, **preset, "max_epochs": max_epochs, "seed": args.seed, **overrides}
     if args.body_part:
-        _check(args.body_part in BODY_PARTS, f"--body-part must be one of {', '.join(BODY_PARTS)}, got {args.body_part!r}")
+        _check(
+            args.body_part in BODY_PARTS,
+            f"--body-part must be one of {', '.join(BODY_PARTS)}, got {args.body_part!r}",
+        )
         fixed["body_part"] = args.body_part
-    TrainConfig.from_dict({k: v for k, v in fixed.items() if k in TrainConfig.__dataclass_fields__}, source="--set/preset")
+    TrainConfig.from_dict(
+        {k: v for k, v in fixed.items() if k in TrainConfig.__dataclass_fields__},
+        source="--set/preset",
+    )
     unknown = [k for k in fixed if k not in TrainConfig.__dataclass_fields__]
     _check(not unknown, f"--set {unknown[0] if unknown else ''}: not a config field")
     scopes = {args.body_part or "all": num_samples}
@@ -367,14 +458,31 @@ def plan_search(args) -> SearchPlan:
         scopes.update({part: per_part for part in BODY_PARTS})
     results = results_dir(args.results)
     name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    _check("/" not in name and name not in ("", ".", ".."), f"--name must be a plain folder name, got {name!r}")
+    _check(
+        "/" not in name and name not in ("", ".", ".."),
+        f"--name must be a plain folder name, got {name!r}",
+    )
     return SearchPlan(
-        name=name, exp_dir=str(results / name), space=space.source if args.space.endswith(".py") else space.name,
-        preset=preset_name, fixed=fixed, num_samples=num_samples, max_epochs=max_epochs, grace_period=args.grace_period,
-        reduction_factor=args.reduction_factor, max_concurrent=args.max_concurrent, cpus_per_trial=cpus,
-        gpus_per_trial=gpus, seed=args.seed, scopes=scopes, split_path=str(results / name / "split.parquet"),
-        data=str(Path(args.data).expanduser().resolve()) if args.data else None, max_failures=args.max_failures,
-        strict=args.strict, random_search=args.random_search, address=args.address,
+        name=name,
+        exp_dir=str(results / name),
+        space=space.source if args.space.endswith(".py") else space.name,
+        preset=preset_name,
+        fixed=fixed,
+        num_samples=num_samples,
+        max_epochs=max_epochs,
+        grace_period=args.grace_period,
+        reduction_factor=args.reduction_factor,
+        max_concurrent=args.max_concurrent,
+        cpus_per_trial=cpus,
+        gpus_per_trial=gpus,
+        seed=args.seed,
+        scopes=scopes,
+        split_path=str(results / name / "split.parquet"),
+        data=str(Path(args.data).expanduser().resolve()) if args.data else None,
+        max_failures=args.max_failures,
+        strict=args.strict,
+        random_search=args.random_search,
+        address=args.address,
     )
 
 
@@ -386,8 +494,10 @@ def results_dir(results: str) -> Path:
         ConfigError: ``results`` is a URI (``s3://``, ``gs://``, ...).
     """
     if URI.match(str(results)):
-        raise ConfigError(f"--results {results}: cloud URIs are not supported; trials write their files directly, "
-                          "so --results must be a folder on a filesystem shared by every node (e.g. NFS)")
+        raise ConfigError(
+            f"--results {results}: cloud URIs are not supported; trials write their files directly, "
+            "so --results must be a folder on a filesystem shared by every node (e.g. NFS)"
+        )
     return Path(results).expanduser().resolve()
 
 
@@ -420,13 +530,20 @@ def prepare_experiment(plan: SearchPlan, val_fraction: float) -> None:
         write_parquet(exp / "skipped_images.parquet", cache.unreadable)
         if plan.strict:  # one line: the error, not a "will be skipped" notice before it
             first = cache.unreadable.iloc[0]
-            raise ExperimentError(f"{len(cache.unreadable)} unreadable image(s), e.g. {first['image_path']}: {first['reason']} "
-                                  f"(--strict; list in {exp / 'skipped_images.parquet'})")
-        print(f"mura-tune: {len(cache.unreadable)} unreadable image(s) will be skipped; list in {exp / 'skipped_images.parquet'}",
-              file=sys.stderr)
+            raise ExperimentError(
+                f"{len(cache.unreadable)} unreadable image(s), e.g. {first['image_path']}: {first['reason']} "
+                f"(--strict; list in {exp / 'skipped_images.parquet'})"
+            )
+        print(
+            f"mura-tune: {len(cache.unreadable)} unreadable image(s) will be skipped; list in {exp / 'skipped_images.parquet'}",
+            file=sys.stderr,
+        )
     if plan.fixed.get("pretrained") == "auto":
         models = _space_models(plan)
-        resolved = {m: resolve_auto(m, data=plan.data, image_size=int(plan.fixed.get("image_size", 64))) for m in models}
+        resolved = {
+            m: resolve_auto(m, data=plan.data, image_size=int(plan.fixed.get("image_size", 64)))
+            for m in models
+        }
         plan.fixed["pretrained_by_model"] = resolved
 
 
@@ -455,13 +572,20 @@ def init_ray(address: str | None):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return
-    if address is None:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local Ray binds 127.0.0.1
+    if address is None:  # a local Ray binds 127.0.0.1
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                 configure_logging=True)
+        ray.init(
+            address=address or os.environ.get("RAY_ADDRESS") or "local",
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level="ERROR",
+            configure_logging=True,
+        )
     except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise ConfigError(f"--address {address}: cannot connect to a Ray cluster ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(
+            f"--address {address}: cannot connect to a Ray cluster ({str(exc).splitlines()[0]})"
+        ) from None
 
 
 def _trainable(plan: SearchPlan, scope: str):
@@ -470,10 +594,20 @@ def _trainable(plan: SearchPlan, scope: str):
     fixed = dict(plan.fixed)
     by_model = fixed.pop("pretrained_by_model", None)
     fault_trials = os.environ.get("MURA_TUNE_FAULT_TRIALS")
-    ctx = {"exp_dir": plan.exp_dir, "name": plan.name, "space": plan.space, "scope": scope, "fixed": fixed,
-           "split_path": plan.split_path, "strict": plan.strict, "cpus_per_trial": plan.cpus_per_trial,
-           "fault": os.environ.get("MURA_TUNE_FAULT"),
-           "fault_trials": [int(i) for i in fault_trials.split(",") if i.strip().isdigit()] if fault_trials else None}
+    ctx = {
+        "exp_dir": plan.exp_dir,
+        "name": plan.name,
+        "space": plan.space,
+        "scope": scope,
+        "fixed": fixed,
+        "split_path": plan.split_path,
+        "strict": plan.strict,
+        "cpus_per_trial": plan.cpus_per_trial,
+        "fault": os.environ.get("MURA_TUNE_FAULT"),
+        "fault_trials": [int(i) for i in fault_trials.split(",") if i.strip().isdigit()]
+        if fault_trials
+        else None,
+    }
     if ctx["fault"]:
         parse_faults(ctx["fault"])  # a malformed MURA_TUNE_FAULT fails here, in the driver
     if scope != "all":
@@ -490,8 +624,13 @@ def mura_trial(params: dict, ctx: dict) -> None:
     if by_model:
         model = params.get("model", ctx["fixed"].get("model", "custom_cnn"))
         source = by_model.get(model, "none")
-        ctx = {**ctx, "fixed": {**ctx["fixed"], "pretrained": source},
-               "weights_source": source if source in ("imagenet", "none") else f"bodypart:{Path(source).name}"}
+        ctx = {
+            **ctx,
+            "fixed": {**ctx["fixed"], "pretrained": source},
+            "weights_source": source
+            if source in ("imagenet", "none")
+            else f"bodypart:{Path(source).name}",
+        }
     trial_main(params, ctx)
 
 
@@ -503,21 +642,37 @@ def _run_scope(plan: SearchPlan, scope: str, resume: bool):
     ray_dir = plan.ray_dir(scope)
     trainable = _trainable(plan, scope)
     if resume and tune.Tuner.can_restore(str(ray_dir)) and read_ray_state(ray_dir) is not None:
-        tuner = tune.Tuner.restore(str(ray_dir), trainable=trainable, resume_unfinished=True, resume_errored=False)
+        tuner = tune.Tuner.restore(
+            str(ray_dir), trainable=trainable, resume_unfinished=True, resume_errored=False
+        )
         return tuner.fit()
     space = get_space(plan.space)
     searcher = make_searcher(plan, scope, space.sampler_fn(plan.preset))
-    reporter = tune.CLIReporter(metric_columns=REPORT_COLUMNS, parameter_columns=_report_params(space, plan),
-                                max_report_frequency=30, sort_by_metric=True, metric=METRIC, mode=MODE)
+    reporter = tune.CLIReporter(
+        metric_columns=REPORT_COLUMNS,
+        parameter_columns=_report_params(space, plan),
+        max_report_frequency=30,
+        sort_by_metric=True,
+        metric=METRIC,
+        mode=MODE,
+    )
     tuner = tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=make_scheduler(plan), num_samples=plan.scopes[scope],
-                                    max_concurrent_trials=plan.max_concurrent, trial_name_creator=trial_name,
-                                    trial_dirname_creator=trial_dirname),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=make_scheduler(plan),
+            num_samples=plan.scopes[scope],
+            max_concurrent_trials=plan.max_concurrent,
+            trial_name_creator=trial_name,
+            trial_dirname_creator=trial_dirname,
+        ),
         run_config=tune.RunConfig(
-            name=ray_dir.name, storage_path=str(ray_dir.parent),
-            failure_config=tune.FailureConfig(max_failures=plan.max_failures),  # retries resume from resume.pt
-            progress_reporter=reporter, verbose=1,
+            name=ray_dir.name,
+            storage_path=str(ray_dir.parent),
+            # A retried trial (error, lost node) continues from its resume.pt.
+            failure_config=tune.FailureConfig(max_failures=plan.max_failures),
+            progress_reporter=reporter,
+            verbose=1,
         ),
     )
     return tuner.fit()
@@ -584,18 +739,33 @@ def recover_scope(plan: SearchPlan, scope: str) -> tuple[list[str], int]:
         told = by_ray_id.get(trial_dir.name)
         final = (_read_json(trial_dir / "summary.json") or {}).get("status")
         failed = final == "diverged" or (trial_dir / "error.json").exists()
-        if told is not None and not told.state.is_finished() and (failed or final in ("completed", "early_stopped")):
+        if (
+            told is not None
+            and not told.state.is_finished()
+            and (failed or final in ("completed", "early_stopped"))
+        ):
             optuna_id = storage.get_trial_id_from_study_id_trial_number(study_id, told.number)
-            values = [] if failed else pd.read_parquet(trial_dir / "metrics.parquet")[[STEP, METRIC]].dropna().values
-            for epoch, value in values:  # as the searcher would have: every epoch, then the last as the result
+            values = (
+                []
+                if failed
+                else pd.read_parquet(trial_dir / "metrics.parquet")[[STEP, METRIC]].dropna().values
+            )
+            for (
+                epoch,
+                value,
+            ) in values:  # as the searcher would have: every epoch, then the last as the result
                 storage.set_trial_intermediate_value(optuna_id, int(epoch), float(value))
             if len(values) and math.isfinite(values[-1][1]):
-                storage.set_trial_state_values(optuna_id, TrialState.COMPLETE, [float(values[-1][1])])
+                storage.set_trial_state_values(
+                    optuna_id, TrialState.COMPLETE, [float(values[-1][1])]
+                )
             else:
                 storage.set_trial_state_values(optuna_id, TrialState.FAIL)
             told = storage.get_trial(optuna_id)
         if told is not None and told.state.is_finished():
-            write_json(trial_dir / RECOVERED_FILE, {"optuna_state": told.state.name, "time": time.time()})
+            write_json(
+                trial_dir / RECOVERED_FILE, {"optuna_state": told.state.name, "time": time.time()}
+            )
             continue
         dest = exp / ORPHANED_DIR / trial_dir.name
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -620,7 +790,16 @@ def _drop_resume_states(plan: SearchPlan, scope: str) -> None:
 
 def resume_command(plan: SearchPlan) -> str:
     """The exact command that continues this experiment."""
-    parts = ["mura-tune", "--space", plan.space, "--results", str(Path(plan.exp_dir).parent), "--name", plan.name, "--resume"]
+    parts = [
+        "mura-tune",
+        "--space",
+        plan.space,
+        "--results",
+        str(Path(plan.exp_dir).parent),
+        "--name",
+        plan.name,
+        "--resume",
+    ]
     if plan.address:
         parts += ["--address", plan.address]
     return shlex.join(parts)
@@ -631,12 +810,18 @@ def _load_for_resume(args) -> SearchPlan:
         raise ConfigError("--resume needs --name of the experiment to continue")
     exp_dir = results_dir(args.results) / args.name
     if not (exp_dir / EXPERIMENT_FILE).exists():
-        raise ExperimentError(f"--resume: no experiment {args.name!r} in {exp_dir.parent} (missing {exp_dir / EXPERIMENT_FILE})")
+        raise ExperimentError(
+            f"--resume: no experiment {args.name!r} in {exp_dir.parent} (missing {exp_dir / EXPERIMENT_FILE})"
+        )
     plan = SearchPlan.load(exp_dir)
-    named = str(Path(args.space).expanduser().resolve()) if args.space.endswith(".py") else args.space
+    named = (
+        str(Path(args.space).expanduser().resolve()) if args.space.endswith(".py") else args.space
+    )
     if named != plan.space:
         # The space file recorded in experiment.json is only executed if the user names it again.
-        raise ConfigError(f"--resume: experiment {plan.name!r} searched --space {plan.space}; pass that, got --space {args.space}")
+        raise ConfigError(
+            f"--resume: experiment {plan.name!r} searched --space {plan.space}; pass that, got --space {args.space}"
+        )
     if args.address:
         plan.address = args.address
     return plan
@@ -655,12 +840,19 @@ def run_search(args) -> int:
     else:
         plan = plan_search(args)
         # A folder holding only what an interrupted preparation wrote (no experiment.json yet) is reused.
-        leftovers = {p.name for p in Path(plan.exp_dir).glob("[!.]*")} - {"split.parquet", "skipped_images.parquet"}
+        leftovers = {p.name for p in Path(plan.exp_dir).glob("[!.]*")} - {
+            "split.parquet",
+            "skipped_images.parquet",
+        }
         if leftovers:
-            raise ExperimentError(f"experiment {plan.exp_dir} already exists; pass --resume to continue it or choose another --name")
+            raise ExperimentError(
+                f"experiment {plan.exp_dir} already exists; pass --resume to continue it or choose another --name"
+            )
         prepare_experiment(plan, args.val_fraction)
         plan.save()
-    print(f"mura-tune: experiment {plan.exp_dir} ({', '.join(f'{s}: {n} trials' for s, n in plan.scopes.items())})")
+    print(
+        f"mura-tune: experiment {plan.exp_dir} ({', '.join(f'{s}: {n} trials' for s, n in plan.scopes.items())})"
+    )
     init_ray(plan.address)
     interrupted = False
     previous_term = _forward_sigterm()
@@ -671,8 +863,10 @@ def run_search(args) -> int:
                     continue
                 moved, requeued = recover_scope(plan, scope)
                 if moved or requeued:
-                    print(f"mura-tune: {scope}: {requeued} trial(s) the stopped driver had started but Ray had not "
-                          f"recorded will run again with the same parameters (old folders: {Path(plan.exp_dir) / ORPHANED_DIR})")
+                    print(
+                        f"mura-tune: {scope}: {requeued} trial(s) the stopped driver had started but Ray had not "
+                        f"recorded will run again with the same parameters (old folders: {Path(plan.exp_dir) / ORPHANED_DIR})"
+                    )
             _run_scope(plan, scope, resume=args.resume)
             if not scope_done(plan, scope):
                 interrupted = True
@@ -691,7 +885,10 @@ def run_search(args) -> int:
         print(f"mura-tune: {exc}", file=sys.stderr)
     print(f"experiment folder: {plan.exp_dir}  (Optuna study: {Path(plan.exp_dir) / 'optuna.db'})")
     if interrupted:
-        print(f"mura-tune: interrupted; finished trials are kept. Resume with: {resume_command(plan)}", file=sys.stderr)
+        print(
+            f"mura-tune: interrupted; finished trials are kept. Resume with: {resume_command(plan)}",
+            file=sys.stderr,
+        )
         return 130
     return 0
 

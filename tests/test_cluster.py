@@ -33,7 +33,9 @@ def cluster():
     tmp = tempfile.mkdtemp(prefix="mtc", dir="/tmp")  # short: Ray's socket paths live below it
     previous = os.environ.get("RAY_TMPDIR")
     os.environ["RAY_TMPDIR"] = tmp
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    nodes = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
+    )
     try:
         worker = nodes.add_node(num_cpus=1)
         yield nodes, worker
@@ -59,7 +61,9 @@ def _trials(exp: Path) -> dict[str, dict]:
 def _wait(condition, proc: subprocess.Popen, log: Path, timeout: float = 400):
     start = time.time()
     while not (found := condition()):
-        assert proc.poll() is None, f"search exited early ({proc.returncode}):\n{log.read_text()[-3000:]}"
+        assert proc.poll() is None, (
+            f"search exited early ({proc.returncode}):\n{log.read_text()[-3000:]}"
+        )
         if time.time() - start > timeout:
             proc.kill()
             raise AssertionError(f"timed out:\n{log.read_text()[-3000:]}")
@@ -74,16 +78,48 @@ def test_search_spreads_over_nodes_and_survives_losing_one(cluster, tiny_data, t
     nodes, worker = cluster
     head_id, worker_id = nodes.head_node.node_id, worker.node_id
     exp, log = tmp_path / "shared" / "multi", tmp_path / "search.log"
-    args = ["--space", "custom_cnn", "--data", tiny_data, "--num-samples", 2, "--max-epochs", 4, "--grace-period", 4,
-            "--cpus-per-trial", 1, "--set", "image_size=32", "--seed", 0, "--max-failures", 2,
-            "--address", nodes.address, "--results", exp.parent, "--name", exp.name]
+    args = [
+        "--space",
+        "custom_cnn",
+        "--data",
+        tiny_data,
+        "--num-samples",
+        2,
+        "--max-epochs",
+        4,
+        "--grace-period",
+        4,
+        "--cpus-per-trial",
+        1,
+        "--set",
+        "image_size=32",
+        "--seed",
+        0,
+        "--max-failures",
+        2,
+        "--address",
+        nodes.address,
+        "--results",
+        exp.parent,
+        "--name",
+        exp.name,
+    ]
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "mura_tune", *map(str, args)], cwd=REPO, env=dict(os.environ),
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mura_tune", *map(str, args)],
+            cwd=REPO,
+            env=dict(os.environ),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         # The trial on the worker node has started: give its retry somewhere to go, then kill the
         # worker node once the trial saved a resumable state (after epoch 1 of 4).
-        lost = _wait(lambda: next((t for t, m in _trials(exp).items() if m["node_id"] == worker_id), None), proc, log)
+        lost = _wait(
+            lambda: next((t for t, m in _trials(exp).items() if m["node_id"] == worker_id), None),
+            proc,
+            log,
+        )
         replacement = nodes.add_node(num_cpus=1)
         _wait(lambda: (exp / "trials" / lost / "resume.pt").exists(), proc, log)
         nodes.remove_node(worker)
@@ -104,7 +140,12 @@ def test_search_spreads_over_nodes_and_survives_losing_one(cluster, tiny_data, t
     assert board.loc[lost, "attempts"] == 2 and board.loc[lost, "failures"] >= 1
     assert metas[lost]["attempts"][1]["resumed_from_epoch"] >= 1
     assert metas[lost]["attempts"][1]["node_id"] != worker_id
-    assert pd.read_parquet(exp / "trials" / lost / "metrics.parquet")["epoch"].tolist() == [1, 2, 3, 4]
+    assert pd.read_parquet(exp / "trials" / lost / "metrics.parquet")["epoch"].tolist() == [
+        1,
+        2,
+        3,
+        4,
+    ]
     # Every checkpoint and predictions file is readable from the shared folder; an ensemble builds.
     for row in board.itertuples():
         net, config = load_checkpoint(row.checkpoint_path)

@@ -153,6 +153,7 @@ def test_sidecar(small):
     assert '"seed": 1' in info
 
 
+@pytest.mark.needs_index
 def test_index_reproduces_paths_and_labels(tmp_path):
     if not INDEX.is_dir():
         pytest.skip("needs ../shared/mura-v1.1-index")

@@ -20,7 +20,10 @@ Output is byte-identical for the same arguments, whatever ``workers`` is.
 
 from __future__ import annotations
 
+import functools
 import math
+import multiprocessing as mp
+import numbers
 import os
 import re
 import shutil
@@ -46,6 +49,11 @@ CSV_NAMES = (
     "train_labeled_studies.csv",
     "valid_labeled_studies.csv",
 )
+#: Columns of OUT/synth_findings.parquet (box: pixel coordinates, ends exclusive, -1 if none).
+SIDECAR_COLUMNS = (
+    "image_path", "study_id", "body_part", "label", "true_label", "finding", "visible",
+    "x0", "y0", "x1", "y1",
+)  # fmt: skip
 #: Fraction of studies whose drawn content contradicts their label.
 LABEL_NOISE = 0.04
 #: Probability that a view of an abnormal study shows its finding (at least one always does).
@@ -153,6 +161,9 @@ def synthesize(
 
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{ROOT_NAME}.partial-", dir=out))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the dataset should not be
     try:
         for st in studies:
             if st.images:
@@ -186,18 +197,20 @@ def synthesize(
 # ----------------------------------------------------------------------------- checks
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 def _check_args(scale, size, difficulty, seed, workers) -> None:
-    if not isinstance(scale, int | float) or not 0 < scale <= 1:
+    if not isinstance(scale, numbers.Real) or not 0 < scale <= 1:
         raise ConfigError(f"--scale must be in (0, 1], got {scale}")
-    if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 2048:
+    if not _is_int(size) or not 16 <= size <= 2048:
         raise ConfigError(f"--size must be an integer in 16..2048, got {size}")
-    if not isinstance(difficulty, int | float) or not 0 <= difficulty <= 1:
+    if not isinstance(difficulty, numbers.Real) or not 0 <= difficulty <= 1:
         raise ConfigError(f"--difficulty must be in [0, 1], got {difficulty}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if not _is_int(seed) or seed < 0:
         raise ConfigError(f"--seed must be a non-negative integer, got {seed}")
-    if workers is not None and (
-        isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
-    ):
+    if workers is not None and (not _is_int(workers) or workers < 1):
         raise ConfigError(f"--workers must be a positive integer, got {workers}")
 
 
@@ -411,31 +424,34 @@ def _jobs(studies: list[_Study], image_lines: dict[str, list[str]]) -> list[Imag
 
 
 def _render_all(staging: Path, jobs: list[ImageJob], seed, size, difficulty, workers, progress):
+    """Render and save every job, in worker processes if ``workers > 1``; results in job order."""
     from tqdm import tqdm
 
     workers = workers or os.cpu_count() or 1
     chunk = max(8, min(64, math.ceil(len(jobs) / (workers * 4)))) if jobs else 1
     chunks = [jobs[i : i + chunk] for i in range(0, len(jobs), chunk)]
+    bar = functools.partial(
+        tqdm, total=len(jobs), unit="img", desc="synth", disable=not progress, file=sys.stderr
+    )
     results: list = []
-    with tqdm(
-        total=len(jobs), unit="img", desc="synth", disable=not progress, file=sys.stderr
-    ) as bar:
-        if workers == 1 or len(chunks) <= 1:
+    if workers == 1 or len(chunks) <= 1:
+        with bar() as b:
             for c in chunks:
                 results += render_chunk(str(staging), c, seed, size, difficulty)
-                bar.update(len(c))
-            return results
-        import multiprocessing as mp
-
-        with ProcessPoolExecutor(
-            max_workers=min(workers, len(chunks)), mp_context=mp.get_context("spawn")
-        ) as ex:
-            futures = [
-                ex.submit(render_chunk, str(staging), c, seed, size, difficulty) for c in chunks
-            ]
-            for fut, c in zip(futures, chunks):
-                results += fut.result()
-                bar.update(len(c))
+                b.update(len(c))
+        return results
+    # fork starts fast and works whatever __main__ is (stdin, notebooks); spawn off Linux.
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=ctx) as ex:
+        futures = [ex.submit(render_chunk, str(staging), c, seed, size, difficulty) for c in chunks]
+        try:
+            with bar() as b:  # after the workers start: no tqdm thread exists at fork time
+                for fut, c in zip(futures, chunks):
+                    results += fut.result()
+                    b.update(len(c))
+        except BaseException:
+            ex.shutdown(wait=True, cancel_futures=True)
+            raise
     return results
 
 
@@ -455,33 +471,9 @@ def _write_sidecars(out: Path, studies, jobs, results, **args) -> None:
             "visible": bool(visible),
             "x0": box[0], "y0": box[1], "x1": box[2], "y1": box[3],
         })  # fmt: skip
-    df = pd.DataFrame(
-        rows,
-        columns=[
-            "image_path",
-            "study_id",
-            "body_part",
-            "label",
-            "true_label",
-            "finding",
-            "visible",
-            "x0",
-            "y0",
-            "x1",
-            "y1",
-        ],
-    )
-    df = df.astype(
-        {
-            "label": "int8",
-            "true_label": "int8",
-            "visible": "bool",
-            "x0": "int32",
-            "y0": "int32",
-            "x1": "int32",
-            "y1": "int32",
-        }
-    )
+    df = pd.DataFrame(rows, columns=list(SIDECAR_COLUMNS))
+    ints = {"label": "int8", "true_label": "int8", "x0": "int32", "y0": "int32"}
+    df = df.astype({**ints, "x1": "int32", "y1": "int32", "visible": "bool"})
     write_parquet(out / "synth_findings.parquet", df)
 
     counts = {}

@@ -697,7 +697,7 @@ def _plan_degenerative(c: _Ctx, f: _Finding) -> None:
     (jx, jy), ja, hw = c.pick([((j[0], j[1]), j[2], j[3]) for j in c.joints])
     dx, dy = _dir(ja)
     px, py = -dy, dx
-    spur = max(1.5, 0.045 * c.size * c.sev * c.u(0.75, 1.25))
+    spur = max(1.5, min(0.036 * c.size * c.sev * c.u(0.75, 1.25), 1.3 * hw))
     band = max(1.0, 0.4 * hw * min(c.sev, 1.2))
     f.extra_bone.append(Blob(jx, jy, hw * 0.95, band, math.atan2(dy, dx), 0.0, 1.2 * c.contrast))
     for side in (-1.0, 1.0):
@@ -715,7 +715,7 @@ def _plan_degenerative(c: _Ctx, f: _Finding) -> None:
                     by,
                     bx + ox / n * spur,
                     by + oy / n * spur,
-                    spur * 0.5,
+                    spur * 0.45,
                     0.0,
                     1.5 * c.contrast,
                 )
@@ -735,7 +735,7 @@ def _plan_lesion(c: _Ctx, f: _Finding) -> None:
     b = c.bones[i]
     bone_r = b.r if isinstance(b, Tube) else min(b.a, b.b)
     jit = c.u(-0.25, 0.25) * bone_r
-    rad = max(1.5, min(0.055 * c.size * c.sev * c.u(0.75, 1.3), 2.5 * bone_r))
+    rad = max(1.5, min(0.055 * c.size * c.sev * c.u(0.75, 1.3), 2.0 * bone_r))
     lucent = bool(c.rng.random() < 0.65)
     depth = min(0.95, 0.9 * c.contrast * c.u(0.85, 1.1))
     f.lesion = (lx + jit * 0.7, ly + jit * 0.7, rad, lucent, depth)
