@@ -177,7 +177,10 @@ def _fit(tuning, plan, budget_s: float, recorder) -> None:
 
 
 def build_tuner(plan, callbacks=(), **tune_config):
-    """The ``tune.Tuner`` of ``tuning._run_scope`` for the main scope, plus extra ``TuneConfig`` fields."""
+    """The ``tune.Tuner`` that ``tuning._run_scope`` builds for the main scope, plus ``TuneConfig`` fields.
+
+    A copy (``_run_scope`` takes no extra Tune options): keep it in step with ``mura_tune.tuning``.
+    """
     from ray import tune
 
     from mura_tune import tuning
@@ -186,6 +189,7 @@ def build_tuner(plan, callbacks=(), **tune_config):
     scope = next(iter(plan.scopes))
     ray_dir = plan.ray_dir(scope)
     space = get_space(plan.space)
+    names = {"trial_name_creator": tuning.trial_name} if hasattr(tuning, "trial_name") else {}
     return tune.Tuner(
         tuning._trainable(plan, scope),
         tune_config=tune.TuneConfig(
@@ -194,13 +198,13 @@ def build_tuner(plan, callbacks=(), **tune_config):
             num_samples=plan.scopes[scope],
             max_concurrent_trials=plan.max_concurrent,
             trial_dirname_creator=tuning.trial_dirname,
+            **names,
             **tune_config,
         ),
         run_config=tune.RunConfig(
             name=ray_dir.name,
             storage_path=str(ray_dir.parent),
             failure_config=tune.FailureConfig(max_failures=plan.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             callbacks=list(callbacks),
             verbose=0,
         ),

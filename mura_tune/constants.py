@@ -5,8 +5,9 @@ from __future__ import annotations
 #: The metric every component optimises, and its direction.
 METRIC = "val_kappa_study"
 MODE = "max"
-#: Ray Tune's time attribute: one training iteration is one epoch.
-TIME_ATTR = "training_iteration"
+#: The scheduler's time attribute: the epoch our trainable reports. (Ray's own
+#: training_iteration restarts at 1 when a trial resumes from our resume.pt.)
+TIME_ATTR = "epoch"
 
 BODY_PARTS = (
     "XR_ELBOW",

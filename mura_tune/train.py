@@ -31,7 +31,7 @@ from mura_tune.constants import METRIC
 from mura_tune.data.cache import ImageCache, build_cache
 from mura_tune.data.loader import SplitData, batch_loader
 from mura_tune.errors import DataError
-from mura_tune.io import write_json, write_parquet
+from mura_tune.io import atomic_path, write_json, write_parquet
 from mura_tune.metrics import split_metrics
 from mura_tune.models import MuraNet, build_model, count_parameters
 from mura_tune.weights import initial_backbone_state
@@ -253,9 +253,9 @@ def run_training(
             test_frame = data.test.table.assign(prob=test_probs)
             best["test"] = split_metrics(test_frame, "test") if len(test_frame) else {}
             best["val"] = {k: v for k, v in metrics.items() if k.startswith("val_")}
-            torch.save({"state_dict": net.state_dict(), "config": config.to_dict(), "epoch": epoch + 1,
-                        "metric": {config.select_metric: value}}, _tmp(out / "best.pt"))
-            os.replace(_tmp(out / "best.pt"), out / "best.pt")
+            with atomic_path(out / "best.pt", suffix=".pt") as tmp:
+                torch.save({"state_dict": net.state_dict(), "config": config.to_dict(), "epoch": epoch + 1,
+                            "metric": {config.select_metric: value}}, tmp)
             write_parquet(out / "predictions.parquet", pd.concat([val_frame, test_frame], ignore_index=True))
         metrics["epoch_seconds"] = time.time() - t0
         metrics["best_epoch"] = best["epoch"]
@@ -283,10 +283,6 @@ def run_training(
     return _write_summary(out, config, summary_base, history, best, status, started)
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
-
-
 def _write_summary(out: Path, config: TrainConfig, base: dict, history: list[dict], best: dict, status: str,
                    started: float, reason: str | None = None) -> dict:
     summary = {
@@ -310,8 +306,13 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[MuraNet, Tra
     path = Path(path)
     if not path.exists():
         raise DataError(f"checkpoint not found: {path}")
+    import pickle
+
     try:
         blob = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise DataError(f"refusing checkpoint {path}: it holds pickled objects other than tensors "
+                        "(checkpoints are loaded with weights_only=True)") from None
     except Exception as exc:
         raise DataError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from None
     config = TrainConfig.from_dict({**blob["config"], "pretrained": "none"}, source=str(path))

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mura_tune.constants import BODY_PARTS, METRIC, MODE
+from mura_tune.constants import BODY_PARTS, METRIC, MODE, TIME_ATTR
 from mura_tune.errors import ConfigError, ExperimentError
 from mura_tune.leaderboard import SPECIALISTS_DIR, read_ray_state
 
@@ -43,7 +43,7 @@ RECOVERED_FILE = (
 )
 #: ASHA's and TPE's time axis: our own epoch counter, which survives restarts (Ray's
 #: ``training_iteration`` starts again at 1 when a trial is restarted without a Ray checkpoint).
-STEP = "epoch"
+STEP = TIME_ATTR
 #: <exp>/orphaned/<id>/: trials a killed driver started but Ray never recorded (re-run on --resume).
 ORPHANED_DIR = "orphaned"
 URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")

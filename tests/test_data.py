@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import cli, make_tree, placeholder_png
 from PIL import Image
 
-from helpers import cli, make_tree, placeholder_png
 from mura_tune.data.images import ImageReadError, letterbox, load_gray, preprocess
 from mura_tune.data.mura import read_dataset, read_manifest
 from mura_tune.data.split import assign_split

@@ -7,9 +7,9 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-
 from conftest import run_cli
 from helpers import cli
+
 from mura_tune.config import TrainConfig
 from mura_tune.constants import METRIC
 from mura_tune.spaces import get_space, list_spaces, sample_config, split_params

@@ -143,6 +143,8 @@ def build_cache(
         # meta.json is written last: a folder without it is never trusted.
         write_json(tmp / "meta.json", {"size": size, "count": len(paths), "key": final.name,
                                        "preprocess_version": PREPROCESS_VERSION, "unreadable": len(failures)})
+        if final.exists():  # a folder without meta.json (half-copied, crashed) is never trusted
+            shutil.rmtree(final)
         os.replace(tmp, final)
     return open_cache(final)
 
