@@ -5,7 +5,8 @@ Real: cache -> :func:`~mura_tune.data.loader.batch_loader` -> ``to_unit`` -> ``a
 In memory: the same batches, produced once beforehand (augmented, normalised float tensors),
 then only forward/backward/step: the compute limit. The two arms run in one process on one
 model, alternating batch by batch, so machine load hits both alike. Also measured, to say where the
-difference goes: the data path alone (loader + augment + normalise, no model).
+difference goes: the data path alone (loader + augment + normalise, no model). Evaluation
+images/s are measured too, through :func:`mura_tune.train.predict` (eval mode, inference_mode).
 
     python -m benchmarks.bench_feed
 """
@@ -91,13 +92,14 @@ def run(
             with stopwatch(totals, "data_only"):
                 counts["data_only"] += len(real_batch()[1])
         ips = {k: counts[k] / totals[k] for k in counts}
+        eval_ips = _eval_images_per_s(real_batch.net, cache, split, batch_size, normalize, 4 * n_batches * batch_size)
         ratio = ips["real"] / ips["memory"]
         cpu_ratio = (counts["real"] / totals["real_cpu"]) / (
             counts["memory"] / totals["memory_cpu"]
         )
         raw[name] = {
             "real_images_per_s": round(ips["real"], 2), "memory_images_per_s": round(ips["memory"], 2),
-            "data_path_only_images_per_s": round(ips["data_only"], 1),
+            "data_path_only_images_per_s": round(ips["data_only"], 1), "eval_images_per_s": round(eval_ips, 1),
             "real_seconds": round(totals["real"], 2), "memory_seconds": round(totals["memory"], 2),
             "data_path_seconds": round(totals["data_only"], 2), "images_per_arm": counts["real"],
             "ratio_by_cpu_time": round(cpu_ratio, 3),
@@ -106,7 +108,8 @@ def run(
         }  # fmt: skip
         cases[name] = case(ratio, ">=", TARGETS[name])
         log(
-            f"feed {name}: real {ips['real']:.1f} img/s vs in-memory {ips['memory']:.1f} img/s -> {ratio:.3f}"
+            f"feed {name}: real {ips['real']:.1f} img/s vs in-memory {ips['memory']:.1f} img/s -> {ratio:.3f}; "
+            f"evaluation {eval_ips:.1f} img/s"
         )
     worst = min(c["ratio"] / TARGETS[n] for n, c in cases.items())
     headline = cases["densenet121"]["ratio"]
@@ -116,7 +119,8 @@ def run(
         f"Headline = densenet121 (unfreeze_blocks=1, random init); cases hold both models' ratios "
         f"(targets: custom_cnn >= 0.8, densenet121 >= 0.9). data_path_share_of_step = the data path's "
         f"time / (data path + compute): on a GPU the augment runs on the device and num_workers>0 "
-        f"overlaps loading with compute. Min ratio/target: {worst:.3f}."
+        f"overlaps loading with compute. eval_images_per_s = mura_tune.train.predict over the cache "
+        f"(no augmentation, no gradients). Min ratio/target: {worst:.3f}."
     )
     return figure(
         ratio=headline, op=">=", target=TARGETS["densenet121"], raw=raw, notes=notes, cases=cases
@@ -146,7 +150,30 @@ def _arms(net, cache, split, batch_size: int, normalize, aug_strength: float):
         loss.backward()
         opt.step()
 
+    real_batch.net = net
     return real_batch, step
+
+
+def _eval_images_per_s(net, cache, split, batch_size: int, normalize, n_images: int) -> float:
+    """Images/s of the evaluation path (:func:`mura_tune.train.predict`) on the first ``n_images``."""
+    import time
+    from types import SimpleNamespace
+
+    import torch
+
+    from mura_tune.data.loader import SplitData
+    from mura_tune.train import predict
+
+    n = min(n_images, len(split))
+    subset = SplitData(split.rows[:n], split.labels[:n], split.weights[:n], split.table.iloc[:n])
+    data = SimpleNamespace(cache=cache)
+    predict(net, data, SplitData(subset.rows[:batch_size], subset.labels[:batch_size], subset.weights[:batch_size],
+                                 subset.table.iloc[:batch_size]), torch.device("cpu"), batch_size, False, normalize)  # fmt: skip
+    t0 = time.perf_counter()
+    predict(net, data, subset, torch.device("cpu"), batch_size, False, normalize)
+    seconds = time.perf_counter() - t0
+    net.train()
+    return n / seconds
 
 
 def _endless(make):

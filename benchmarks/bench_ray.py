@@ -11,9 +11,8 @@ leaderboard) and a per-trial part: the gap between trials, the trial's setup in 
 process (imports, data, model; minus the same setup in-process) and the per-epoch report +
 checkpoint. Those give the ratio for trials of 20 s, extrapolated unless the trials are that long.
 
-A third arm measures the change we propose for :mod:`mura_tune.tuning`: the same search
-functions with ``TuneConfig(reuse_actors=True)``, so one actor process (and its imports)
-serves trial after trial.
+The search uses ``TuneConfig(reuse_actors=True)`` (see :mod:`mura_tune.tuning`), so one actor
+process (and its imports) serves trial after trial; the first trial's setup counts as fixed.
 
     python -m benchmarks.bench_ray
 """
@@ -41,7 +40,6 @@ def run(
     trial_epochs: int = 2,
     image_size: int = 32,
     seed: int = 0,
-    reuse_arm: bool = True,
 ) -> dict:
     """Time the arms and split the overhead into fixed and per-trial parts.
 
@@ -50,7 +48,6 @@ def run(
         trial_epochs: epochs per trial (>= 2: the per-report cost is measured).
         image_size: input side (small: the figure is about overhead, not compute).
         seed: search seed (the random sampler gives every arm the same configurations).
-        reuse_arm: also measure ``reuse_actors=True`` (the proposed change).
     """
     from mura_tune.data.cache import build_cache
     from mura_tune.data.mura import read_dataset
@@ -87,21 +84,6 @@ def run(
         )
     }
     arms["cli"]["seconds"] = round(cli_seconds, 2)
-    if reuse_arm:
-        reuse_cmd = [
-            sys.executable,
-            "-m",
-            "benchmarks.bench_ray",
-            "--reuse",
-            *search,
-            "--name",
-            "reuse",
-        ]
-        reuse_seconds, reuse_launch = _timed(reuse_cmd)
-        log(f"ray_overhead: the same search with reuse_actors=True in {reuse_seconds:.1f} s")
-        arms["reuse_actors"] = _decompose(root / "reuse", reuse_launch, reuse_launch + reuse_seconds, setup_in,
-                                          trial_epochs)  # fmt: skip
-        arms["reuse_actors"]["seconds"] = round(reuse_seconds, 2)
     for arm in arms.values():
         o = arm["per_trial_overhead_20s_trial_seconds"]
         arm["ratio_20s_trials_per_trial_only"] = round((LONG_TRIAL_S + o) / LONG_TRIAL_S, 3)
@@ -134,10 +116,6 @@ def run(
         ),
         "cli_search": case(arms["cli"]["ratio_search"], "<=", TARGET),
     }
-    if reuse_arm:
-        cases["reuse_actors_search (proposed)"] = case(
-            arms["reuse_actors"]["ratio_search"], "<=", TARGET
-        )
     how = "EXTRAPOLATED from" if extrapolated else "measured with"
     notes = (
         f"{how} {n_trials} trials of ~{mean_trial:.0f} s ({trial_epochs} epochs, custom_cnn {image_size} px, "
@@ -148,8 +126,8 @@ def run(
         f"+ Ray's per-report cost (iteration time - our epoch time: tune.report + checkpoint) x epochs; "
         f"these are differences within one run, so machine load mostly cancels. fixed = before the first "
         f"trial (Ray start, split, driver) and after the last (leaderboard). measured_ratio_cli = the two "
-        f"whole-process wall times (noisy under load). reuse_actors = the same search with "
-        f"TuneConfig(reuse_actors=True), the change proposed for mura_tune/tuning.py."
+        f"whole-process wall times (noisy under load). Trials reuse one Ray actor "
+        f"(TuneConfig(reuse_actors=True))."
     )
     return figure(
         ratio=arms["cli"]["ratio_search"], op="<=", target=TARGET, raw=raw, notes=notes, cases=cases,
@@ -233,29 +211,11 @@ def inproc(exp: str, out: str) -> None:
     write_json(Path(out) / "times.json", {"seconds": seconds, "epoch_seconds": epochs})
 
 
-def reuse(argv: list[str]) -> None:
-    """The proposed arm: the command line's search path with ``reuse_actors=True``."""
-    from benchmarks.bench_search import build_tuner
-    from mura_tune import tuning
-    from mura_tune.cli import build_parser
-    from mura_tune.leaderboard import build_leaderboard
-
-    args = build_parser().parse_args(["search", *argv])
-    plan = tuning.plan_search(args)
-    tuning.prepare_experiment(plan, args.val_fraction)
-    plan.save()
-    tuning.init_ray(plan.address)
-    build_tuner(plan, reuse_actors=True).fit()
-    build_leaderboard(plan.exp_dir)
-
-
 if __name__ == "__main__":
     from benchmarks.common import setup_env
 
     setup_env()
     if len(sys.argv) > 1 and sys.argv[1] == "--inproc":
         inproc(sys.argv[2], sys.argv[3])
-    elif len(sys.argv) > 1 and sys.argv[1] == "--reuse":
-        reuse(sys.argv[2:])
     else:
         print(json.dumps(run(), indent=2))

@@ -177,38 +177,10 @@ def _fit(tuning, plan, budget_s: float, recorder) -> None:
 
 
 def build_tuner(plan, callbacks=(), **tune_config):
-    """The ``tune.Tuner`` that ``tuning._run_scope`` builds for the main scope, plus ``TuneConfig`` fields.
-
-    A copy (``_run_scope`` takes no extra Tune options): keep it in step with ``mura_tune.tuning``.
-    """
-    from ray import tune
-
+    """The search's own ``tune.Tuner`` for its main scope, with extra ``TuneConfig`` fields."""
     from mura_tune import tuning
-    from mura_tune.spaces import get_space
 
-    scope = next(iter(plan.scopes))
-    ray_dir = plan.ray_dir(scope)
-    space = get_space(plan.space)
-    names = {"trial_name_creator": tuning.trial_name} if hasattr(tuning, "trial_name") else {}
-    return tune.Tuner(
-        tuning._trainable(plan, scope),
-        tune_config=tune.TuneConfig(
-            search_alg=tuning.make_searcher(plan, scope, space.sampler_fn(plan.preset)),
-            scheduler=tuning.make_scheduler(plan),
-            num_samples=plan.scopes[scope],
-            max_concurrent_trials=plan.max_concurrent,
-            trial_dirname_creator=tuning.trial_dirname,
-            **names,
-            **tune_config,
-        ),
-        run_config=tune.RunConfig(
-            name=ray_dir.name,
-            storage_path=str(ray_dir.parent),
-            failure_config=tune.FailureConfig(max_failures=plan.max_failures),
-            callbacks=list(callbacks),
-            verbose=0,
-        ),
-    )
+    return tuning.build_tuner(plan, next(iter(plan.scopes)), callbacks=callbacks, verbose=0, **tune_config)
 
 
 def _recorder():

@@ -48,7 +48,7 @@ def grad_cam(net: MuraNet, x: torch.Tensor) -> np.ndarray:
     try:
         with torch.enable_grad():
             features = net.forward_features(x)
-            logits = net.head(features.mean(dim=(2, 3))).squeeze(1)
+            logits = net.head(net.pool(features)).squeeze(1)
             (grads,) = torch.autograd.grad(logits.sum(), features)
     finally:
         net.train(was_training)

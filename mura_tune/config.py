@@ -23,6 +23,7 @@ from mura_tune.errors import ConfigError
 CUSTOM_CNN = "custom_cnn"
 TIMM_BACKBONES = ("densenet121", "densenet169", "densenet201", "resnet18", "resnet34", "resnet50", "efficientnet_b0")
 MODELS = (CUSTOM_CNN, *TIMM_BACKBONES)
+GLOBAL_POOLS = ("avg", "max", "avgmax")
 
 
 @dataclass
@@ -35,6 +36,7 @@ class TrainConfig:
     convs_per_cell: int = 1  # custom_cnn: conv-BN-ReLU repeats inside a cell
     batch_norm: bool = True  # custom_cnn: BatchNorm after each conv
     spatial_dropout: float = 0.0  # custom_cnn: Dropout2d rate after each cell (0 = off)
+    global_pool: str = "max"  # avg | max | avgmax: how the last feature map becomes one vector (max finds small findings)
     dropout: float = 0.2  # dropout before the final logit
     head_widths: list[int] = field(default_factory=list)  # hidden widths of an MLP head (e.g. [512, 512])
     head_dropout: float = 0.0  # dropout after each hidden head layer
@@ -43,14 +45,14 @@ class TrainConfig:
     # --- data ----------------------------------------------------------------------------
     image_size: int = 64  # side of the letterboxed square input (the MURA paper used 320)
     body_part: str | None = None  # train/validate a specialist on one part (e.g. XR_WRIST); None = all
-    aug_strength: float = 0.5  # 0 = no augmentation; scales rotation (±30°·s), zoom, shift, brightness/contrast
+    aug_strength: float = 0.2  # 0 = no augmentation; scales rotation (±30°·s), zoom, shift, brightness/contrast
     tta_flip: bool = False  # average the prediction with its horizontal flip at evaluation
     # --- optimisation --------------------------------------------------------------------
     optimizer: str = "adam"  # adam | adamw
     lr: float = 1e-3  # initial learning rate
     weight_decay: float = 0.0  # L2 (adam) or decoupled (adamw) weight decay
     batch_size: int = 32  # images per step
-    max_epochs: int = 8  # upper bound on epochs
+    max_epochs: int = 12  # upper bound on epochs
     class_weighting: bool = True  # MURA paper's per-body-part positive/negative weights in the BCE
     lr_factor: float = 0.2  # ReduceLROnPlateau factor on val loss
     lr_patience: int = 2  # ReduceLROnPlateau patience (epochs)
@@ -87,6 +89,7 @@ class TrainConfig:
         rule(self.lr > 0, f"lr must be > 0, got {self.lr}")
         rule(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         rule(0 < self.lr_factor < 1, f"lr_factor must be in (0, 1), got {self.lr_factor}")
+        rule(self.global_pool in GLOBAL_POOLS, f"global_pool must be one of {', '.join(GLOBAL_POOLS)}, got {self.global_pool!r}")
         rule(self.optimizer in ("adam", "adamw"), f"optimizer must be adam or adamw, got {self.optimizer!r}")
         rule(all(isinstance(w, int) and w >= 1 for w in self.head_widths), f"head_widths must be positive integers, got {self.head_widths}")
         ub = self.unfreeze_blocks

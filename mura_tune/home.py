@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 #: Parameters of the embedded synthetic dataset (small enough for a CPU demo).
-EMBEDDED = {"scale": 0.04, "size": 128, "difficulty": 0.0, "seed": 0}
+EMBEDDED = {"scale": 0.1, "size": 128, "difficulty": 0.0, "seed": 0}
 
 
 def home() -> Path:

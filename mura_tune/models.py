@@ -5,7 +5,7 @@
   ``base_filters`` up to ``max_filters``; optional Dropout2d after each cell.
 * timm backbones (DenseNet-121/169/201, ResNet-18/34/50, EfficientNet-B0).
 
-Both end in global average pooling, an optional MLP head (``head_widths``, ``head_dropout``),
+Both end in global pooling (``global_pool``: average, max, or their mean), an optional MLP head (``head_widths``, ``head_dropout``),
 dropout and a single logit. ``unfreeze_blocks=K`` trains only the last K *blocks* of the
 backbone (plus the head); 0 trains the head only, ``"all"`` everything. Blocks per family:
 
@@ -54,11 +54,13 @@ class CustomCNN(nn.Module):
 
 
 class MuraNet(nn.Module):
-    """Backbone → global average pool → MLP head → one logit (abnormal)."""
+    """Backbone → global pool → MLP head → one logit (abnormal)."""
 
-    def __init__(self, backbone: nn.Module, num_features: int, head_widths: list[int], head_dropout: float, dropout: float):
+    def __init__(self, backbone: nn.Module, num_features: int, head_widths: list[int], head_dropout: float, dropout: float,
+                 global_pool: str = "avg"):
         super().__init__()
         self.backbone = backbone
+        self.global_pool = global_pool
         layers: list[nn.Module] = []
         width = num_features
         for hidden in head_widths:
@@ -75,8 +77,15 @@ class MuraNet(nn.Module):
         return self.backbone.forward_features(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.forward_features(x).mean(dim=(2, 3))
-        return self.head(features).squeeze(1)
+        return self.head(self.pool(self.forward_features(x))).squeeze(1)
+
+    def pool(self, fmap: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) -> (B, C). Max pooling lets one small finding decide, as in multiple-instance learning."""
+        if self.global_pool == "max":
+            return fmap.amax(dim=(2, 3))
+        if self.global_pool == "avgmax":
+            return 0.5 * (fmap.mean(dim=(2, 3)) + fmap.amax(dim=(2, 3)))
+        return fmap.mean(dim=(2, 3))
 
     def train(self, mode: bool = True) -> MuraNet:
         super().train(mode)
@@ -149,6 +158,7 @@ def build_model(config: TrainConfig, backbone_state: dict | None = None, timm_pr
         from mura_tune.weights import load_backbone_state
 
         load_backbone_state(backbone, backbone_state, config.model)
-    net = MuraNet(backbone, num_features, list(config.head_widths), config.head_dropout, config.dropout)
+    net = MuraNet(backbone, num_features, list(config.head_widths), config.head_dropout, config.dropout,
+                  config.global_pool)
     apply_unfreeze(net, config.model, config.unfreeze_blocks)
     return net

@@ -637,8 +637,6 @@ def mura_trial(params: dict, ctx: dict) -> None:
 def _run_scope(plan: SearchPlan, scope: str, resume: bool):
     from ray import tune
 
-    from mura_tune.spaces import get_space
-
     ray_dir = plan.ray_dir(scope)
     trainable = _trainable(plan, scope)
     if resume and tune.Tuner.can_restore(str(ray_dir)) and read_ray_state(ray_dir) is not None:
@@ -646,6 +644,16 @@ def _run_scope(plan: SearchPlan, scope: str, resume: bool):
             str(ray_dir), trainable=trainable, resume_unfinished=True, resume_errored=False
         )
         return tuner.fit()
+    return build_tuner(plan, scope, trainable).fit()
+
+
+def build_tuner(plan: SearchPlan, scope: str, trainable=None, callbacks=(), verbose: int = 1, **tune_config):
+    """The ``tune.Tuner`` of one scope; extra ``TuneConfig`` fields (e.g. ``time_budget_s``) for benchmarks."""
+    from ray import tune
+
+    from mura_tune.spaces import get_space
+
+    ray_dir = plan.ray_dir(scope)
     space = get_space(plan.space)
     searcher = make_searcher(plan, scope, space.sampler_fn(plan.preset))
     reporter = tune.CLIReporter(
@@ -656,8 +664,8 @@ def _run_scope(plan: SearchPlan, scope: str, resume: bool):
         metric=METRIC,
         mode=MODE,
     )
-    tuner = tune.Tuner(
-        trainable,
+    return tune.Tuner(
+        trainable or _trainable(plan, scope),
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             scheduler=make_scheduler(plan),
@@ -665,6 +673,11 @@ def _run_scope(plan: SearchPlan, scope: str, resume: bool):
             max_concurrent_trials=plan.max_concurrent,
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_dirname,
+            # One actor process runs trial after trial: its imports, torch threads and memory-mapped
+            # cache are set up once, not per trial (benchmarks/bench_ray.py: ~9 s -> ~0.6 s per trial
+            # here). A trial that errors or loses its node gets a fresh actor.
+            reuse_actors=True,
+            **tune_config,
         ),
         run_config=tune.RunConfig(
             name=ray_dir.name,
@@ -672,10 +685,10 @@ def _run_scope(plan: SearchPlan, scope: str, resume: bool):
             # A retried trial (error, lost node) continues from its resume.pt.
             failure_config=tune.FailureConfig(max_failures=plan.max_failures),
             progress_reporter=reporter,
-            verbose=1,
+            callbacks=list(callbacks),
+            verbose=verbose,
         ),
     )
-    return tuner.fit()
 
 
 def _report_params(space, plan) -> list[str]:

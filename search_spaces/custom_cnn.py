@@ -1,4 +1,4 @@
-"""The source reports' hand-searched CNN, made searchable: depth, filters, convs per cell, BN, dropout."""
+"""The source reports' hand-searched CNN, made searchable: depth, filters, convs per cell, BN, pooling, dropout."""
 
 from mura_tune.spaces import register_space
 
@@ -19,6 +19,7 @@ def custom_cnn(trial):
     trial.suggest_categorical("batch_norm", [True, False])
     if depth >= 4:  # spatial dropout only matters once the network is deep enough to overfit
         trial.suggest_float("spatial_dropout", 0.0, 0.3)
+    trial.suggest_categorical("global_pool", ["avg", "max", "avgmax"])
     trial.suggest_float("dropout", 0.0, 0.5)
     trial.suggest_float("aug_strength", 0.0, 1.0)
     trial.suggest_float("lr", 1e-4, 1e-2, log=True)

@@ -14,13 +14,14 @@ from mura_tune.spaces import register_space
     aux=("head_layers", "head_width"),
 )
 def densenet_finetune(trial, backbones=("densenet121", "densenet169", "densenet201")):
-    """DenseNet-121/169/201: unfrozen blocks, MLP head, lr, weight decay, augmentation, class weighting, batch size."""
+    """DenseNet-121/169/201: unfrozen blocks, MLP head, pooling, lr, weight decay, augmentation, class weighting, batch size."""
     trial.suggest_categorical("model", list(backbones))
     trial.suggest_categorical("unfreeze_blocks", [0, 1, 2, 3, "all"])
     layers = trial.suggest_int("head_layers", 0, 2)
     width = trial.suggest_categorical("head_width", [128, 256, 512]) if layers else 0
     if layers:
         trial.suggest_float("head_dropout", 0.0, 0.5)
+    trial.suggest_categorical("global_pool", ["avg", "max", "avgmax"])
     trial.suggest_float("dropout", 0.0, 0.5)
     trial.suggest_float("lr", 1e-5, 3e-3, log=True)
     trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)

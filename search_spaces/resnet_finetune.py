@@ -15,6 +15,7 @@ def resnet_finetune(trial):
     """ResNet-18/50: unfrozen blocks, dropout, lr, weight decay, augmentation, class weighting."""
     trial.suggest_categorical("model", ["resnet18", "resnet50"])
     trial.suggest_categorical("unfreeze_blocks", [0, 1, 2, "all"])
+    trial.suggest_categorical("global_pool", ["avg", "max", "avgmax"])
     trial.suggest_float("dropout", 0.0, 0.5)
     trial.suggest_float("lr", 1e-5, 3e-3, log=True)
     trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)

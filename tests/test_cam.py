@@ -1,9 +1,10 @@
 """Grad-CAM: shape and range for every kind of backbone, localisation on a learnable finding, the CLI.
 
-The localisation test trains a small custom_cnn for two epochs on 32 px images whose finding is
-a bright square at a known random place (every image also carries a bright line, like an L/R
-marker, so "anything bright" is not enough). The project's synthetic radiographs were tried
-first: their findings are too subtle for a CNN to learn within a few CPU seconds.
+The localisation test renders radiographs with the synthetic generator (forearms, half with
+metal hardware, half normal; every confounder of the generator included) and trains a small
+custom_cnn with max pooling to tell them apart; Grad-CAM must then peak inside the box where the
+generator says it drew the finding. The other tests use a cheaper model trained on 32 px noise
+images with a bright square (plus a bright distractor line in every image).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from PIL import Image
 from mura_tune.augment import Normalize, to_unit
 from mura_tune.cam import cam_command, grad_cam
 from mura_tune.config import TrainConfig
+from mura_tune.data.images import letterbox
+from mura_tune.data.synth_render import ImageJob, render
 from mura_tune.models import build_model
 
 SIZE, SQUARE = 32, 6
@@ -96,23 +99,60 @@ def test_cam_has_the_input_size_and_values_in_unit_range(model):
     assert not net.training
 
 
-def test_cam_is_highest_over_the_finding(trained):
-    net, _ = trained
-    images, labels, boxes = squares(64, seed=7)
-    x = Normalize()(to_unit(images))
+RADIOGRAPH = 64
+
+
+def radiographs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """``n`` letterboxed forearm radiographs from the generator (odd ones with visible hardware),
+    labels, and the generator's box of each finding mapped into the letterboxed frame (else None)."""
+    images, labels, boxes = [], [], []
+    for i in range(n):
+        abnormal = i % 2 == 1
+        job = ImageJob(idx=i, study_idx=i, rel_path="unused.png", part="XR_FOREARM",
+                       finding="hardware" if abnormal else "none", visible=abnormal, view=0)
+        pixels, visible, (x0, y0, x1, y1) = render(job, seed, RADIOGRAPH, difficulty=0.0)
+        gray = pixels if pixels.ndim == 2 else pixels[..., 0]
+        h, w = gray.shape
+        side = max(h, w)
+        top, left, k = (side - h) // 2, (side - w) // 2, RADIOGRAPH / side
+        images.append(letterbox(gray, RADIOGRAPH))
+        labels.append(float(abnormal))
+        boxes.append((round((x0 + left) * k), round((y0 + top) * k), round((x1 + left) * k), round((y1 + top) * k))
+                     if visible else None)  # fmt: skip
+    return torch.from_numpy(np.stack(images)), torch.tensor(labels), boxes
+
+
+def test_cam_is_highest_over_the_generators_finding():
+    torch.manual_seed(0)
+    images, labels, _ = radiographs(320, seed=0)
+    config = small_config(depth=3, base_filters=16, image_size=RADIOGRAPH, global_pool="max")
+    net, norm = build_model(config), Normalize()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(5):
+        net.train()
+        for batch in torch.randperm(len(images)).split(32):
+            loss = F.binary_cross_entropy_with_logits(net(norm(to_unit(images[batch]))), labels[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+    test_images, test_labels, boxes = radiographs(64, seed=1)  # other patients, other poses
+    x = norm(to_unit(test_images))
     with torch.no_grad():
-        accuracy = ((torch.sigmoid(net(x)) > 0.5).float() == labels).float().mean().item()
-    assert accuracy >= 0.9, f"the model did not learn the finding (accuracy {accuracy:.2f})"
-    positives = [i for i in range(len(labels)) if labels[i] == 1]
-    cams = grad_cam(net, x[positives])
-    inside_wins = []
-    for cam, i in zip(cams, positives):
+        accuracy = ((net(x) > 0).float() == test_labels).float().mean().item()
+    assert accuracy >= 0.75, f"the model did not learn to see the hardware (accuracy {accuracy:.2f})"
+    shown = [i for i, box in enumerate(boxes) if box is not None]
+    peaks_inside, box_share = [], []
+    for cam, i in zip(grad_cam(net, x[shown]), shown):
         x0, y0, x1, y1 = boxes[i]
-        mask = np.zeros_like(cam, dtype=bool)
-        mask[y0:y1, x0:x1] = True
-        inside_wins.append(cam[mask].mean() > cam[~mask].mean())
-    assert np.mean(inside_wins) >= 0.7, (
-        f"CAM peaks on the finding in only {np.mean(inside_wins):.0%} of images"
+        inside = np.zeros_like(cam, dtype=bool)
+        inside[y0:y1, x0:x1] = True
+        peak = np.unravel_index(cam.argmax(), cam.shape)
+        peaks_inside.append(bool(inside[peak]))
+        box_share.append(inside.mean())
+    # A map that ignored the finding would peak inside its box about as often as the box's share of the image.
+    assert np.mean(peaks_inside) >= 0.7 > 2 * np.mean(box_share), (
+        f"CAM peaks on the finding in {np.mean(peaks_inside):.0%} of images (boxes cover {np.mean(box_share):.0%})"
     )
 
 

@@ -32,6 +32,18 @@ def test_every_model_builds_and_trains_one_step(model):
     assert net(x).shape == (2,) and math.isfinite(loss.item())
 
 
+def test_global_pool_max_lets_one_small_finding_decide():
+    fmap = torch.zeros(1, 4, 8, 8)
+    fmap[0, 2, 5, 3] = 64.0  # one hot cell in a 8x8 map
+    pooled = {}
+    for pool in ("avg", "max", "avgmax"):
+        net = build_model(TrainConfig(global_pool=pool, **TINY).validate())
+        pooled[pool] = net.pool(fmap)[0, 2].item()
+    assert pooled == {"avg": 1.0, "max": 64.0, "avgmax": 32.5}
+    with pytest.raises(ConfigError, match="global_pool must be one of avg, max, avgmax, got 'sum'"):
+        TrainConfig(global_pool="sum").validate()
+
+
 @pytest.mark.parametrize("model", ["custom_cnn", "densenet121", "resnet18", "efficientnet_b0"])
 def test_unfreeze_blocks_trainable_counts(model):
     blocks = backbone_blocks(model, build_model(TrainConfig(model=model)).backbone)

@@ -56,8 +56,9 @@ SIDECAR_COLUMNS = (
 )  # fmt: skip
 #: Fraction of studies whose drawn content contradicts their label.
 LABEL_NOISE = 0.04
-#: Probability that a view of an abnormal study shows its finding (at least one always does).
-VIEW_SHOWS_FINDING = 0.65
+#: Probability that a view of an abnormal study shows its finding (at least one always does),
+#: at difficulty 0 and 1 (linear in between): subtler data also hides findings in more views.
+VIEW_SHOWS_FINDING = (0.9, 0.5)
 _RATE_TOL = 0.03
 
 # Real MURA-v1.1 counts per part: (normal, abnormal).
@@ -156,7 +157,7 @@ def synthesize(
     else:
         studies = _draw_structure(scale, seed)
         image_lines, study_lines = _layout_lines(studies)
-    _assign_truth(studies, seed)
+    _assign_truth(studies, seed, difficulty)
     jobs = _jobs(studies, image_lines)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -378,7 +379,12 @@ def _lines(path: Path) -> list[str]:
     return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def _assign_truth(studies: list[_Study], seed: int) -> None:
+def view_shows_finding(difficulty: float) -> float:
+    easy, hard = VIEW_SHOWS_FINDING
+    return easy + (hard - easy) * difficulty
+
+
+def _assign_truth(studies: list[_Study], seed: int, difficulty: float) -> None:
     """Label noise (exactly ~4% of each split's studies), finding kind and visible views."""
     for code, split in enumerate(SOURCE_SPLITS):
         idx = [i for i, st in enumerate(studies) if st.split == split]
@@ -399,7 +405,7 @@ def _assign_truth(studies: list[_Study], seed: int) -> None:
             continue
         rng = np.random.default_rng([seed, _TAG_FINDING, i])
         st.finding = FINDINGS[int(rng.choice(len(FINDINGS), p=FINDING_PROBS[st.part]))]
-        vis = rng.random(len(st.images)) < VIEW_SHOWS_FINDING
+        vis = rng.random(len(st.images)) < view_shows_finding(difficulty)
         if not vis.any():
             vis[rng.integers(len(st.images))] = True
         st.visible = [bool(v) for v in vis]
@@ -501,7 +507,7 @@ def _write_sidecars(out: Path, studies, jobs, results, **args) -> None:
             "index": None if args["index"] is None else str(args["index"]),
         },
         "label_noise": LABEL_NOISE,
-        "view_shows_finding": VIEW_SHOWS_FINDING,
+        "view_shows_finding": view_shows_finding(args["difficulty"]),
         "counts": counts,
     }
     write_json(out / "synth_info.json", info)
