@@ -127,3 +127,18 @@ def test_bad_search_flags_are_one_line_errors(tiny_data, tmp_path):
                        (["--resume", "--name", "nope"], "no experiment 'nope'")]:
         result = cli("--space", "custom_cnn", "--data", tiny_data, "--results", tmp_path, *args)
         assert result.returncode == 2 and text in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+
+
+def test_specialists_add_one_search_per_body_part(tiny_data, ray_session, tmp_path):
+    code = run_cli("--space", "custom_cnn", "--data", tiny_data, "--num-samples", 1, "--specialists",
+                   "--specialist-samples", 1, "--max-epochs", 1, "--max-concurrent", 2, "--cpus-per-trial", 1,
+                   "--results", tmp_path, "--name", "spec", "--set", "image_size=32", "--set", "depth=2")
+    assert code == 0
+    board = pd.read_parquet(tmp_path / "spec" / "leaderboard.parquet")
+    parts = sorted(pd.read_parquet(tmp_path / "spec" / "split.parquet")["body_part"].unique())
+    assert sorted(board["scope"]) == sorted(["all", *parts])
+    for _, row in board[board["scope"] != "all"].iterrows():
+        predictions = pd.read_parquet(row["predictions_path"])
+        assert set(predictions["body_part"]) == {row["scope"]}, row["scope"]  # a specialist sees only its part
+    study_names = {s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'spec' / 'optuna.db'}")}
+    assert study_names == {f"spec:{scope}" for scope in ["all", *parts]}
