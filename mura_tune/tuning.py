@@ -674,7 +674,7 @@ def build_tuner(plan: SearchPlan, scope: str, trainable=None, callbacks=(), verb
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_dirname,
             # One actor process runs trial after trial: its imports, torch threads and memory-mapped
-            # cache are set up once, not per trial (benchmarks/bench_ray.py: ~9 s -> ~0.6 s per trial
+            # cache are set up once, not per trial (benchmarks/bench_ray.py: ~9 s -> ~0.3 s per trial
             # here). A trial that errors or loses its node gets a fresh actor.
             reuse_actors=True,
             **tune_config,
