@@ -323,31 +323,39 @@ def test_killed_writers_leave_complete_files_or_none(tmp_path):
     always absent or complete, and leftover temporaries can't be mistaken for it."""
     import random
 
-    rng, mid_write = random.Random(0), 0
-    for _ in range(6):
+    rng, mid_write, kills, seen_leftovers = random.Random(0), 0, 0, 0
+    # Kill at random moments, at least 6 times and until some kills have landed inside a write
+    # (a kill while the frame is being converted, before the temporary exists, proves nothing).
+    while kills < 6 or (mid_write < 2 and kills < 40):
+        kills += 1
         proc = subprocess.Popen(
             [sys.executable, "-c", WRITER, str(tmp_path)],
             cwd=REPO,
             stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
         )
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(0.05, 0.6))
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
+        errors = proc.stderr.read()
         proc.stdout.close()
+        proc.stderr.close()
+        assert proc.returncode == -signal.SIGKILL, f"the writer exited by itself: {errors[-2000:]}"
         board, manifest = tmp_path / "board.parquet", tmp_path / "manifest.json"
         if board.exists():
             assert len(pd.read_parquet(board)) == 400_000
         if manifest.exists():
             assert len(json.loads(manifest.read_text())["rows"]) == 100_000
         leftovers = [p for p in tmp_path.iterdir() if p not in (board, manifest)]
-        mid_write += bool(leftovers)
+        mid_write += len(leftovers) > seen_leftovers  # this kill left a new temporary behind
+        seen_leftovers = len(leftovers)
         assert all(p.name.startswith(".") and p.name.endswith(".tmp") for p in leftovers), leftovers
         assert sorted(tmp_path.glob("*.parquet")) in ([], [board]) and sorted(
             tmp_path.glob("*.json")
         ) in ([], [manifest])
-    assert mid_write >= 1  # at least one kill landed in the middle of a write
+    assert mid_write >= 1, f"none of {kills} kills landed in the middle of a write"
 
 
 # --- 7. untrusted files ------------------------------------------------------------------------------
