@@ -72,9 +72,8 @@ def run(
         n_batches = batches[name]
         config = TrainConfig(**overrides, image_size=size, batch_size=batch_size).validate()
         torch.manual_seed(0)
-        real_batch, step = _arms(
-            build_model(config), cache, split, batch_size, normalize, aug_strength
-        )
+        net = build_model(config)
+        real_batch, step = _arms(net, cache, split, batch_size, normalize, aug_strength)
 
         # The in-memory arm's batches: produced by the same pipeline, once, before timing.
         memory = [real_batch() for _ in range(min(n_batches, 4))]
@@ -92,7 +91,7 @@ def run(
             with stopwatch(totals, "data_only"):
                 counts["data_only"] += len(real_batch()[1])
         ips = {k: counts[k] / totals[k] for k in counts}
-        eval_ips = _eval_images_per_s(real_batch.net, cache, split, batch_size, normalize, 4 * n_batches * batch_size)
+        eval_ips = _eval_images_per_s(net, cache, split, batch_size, normalize, 4 * n_batches * batch_size)
         ratio = ips["real"] / ips["memory"]
         cpu_ratio = (counts["real"] / totals["real_cpu"]) / (
             counts["memory"] / totals["memory_cpu"]
@@ -150,7 +149,6 @@ def _arms(net, cache, split, batch_size: int, normalize, aug_strength: float):
         loss.backward()
         opt.step()
 
-    real_batch.net = net
     return real_batch, step
 
 
@@ -164,13 +162,13 @@ def _eval_images_per_s(net, cache, split, batch_size: int, normalize, n_images: 
     from mura_tune.data.loader import SplitData
     from mura_tune.train import predict
 
-    n = min(n_images, len(split))
-    subset = SplitData(split.rows[:n], split.labels[:n], split.weights[:n], split.table.iloc[:n])
-    data = SimpleNamespace(cache=cache)
-    predict(net, data, SplitData(subset.rows[:batch_size], subset.labels[:batch_size], subset.weights[:batch_size],
-                                 subset.table.iloc[:batch_size]), torch.device("cpu"), batch_size, False, normalize)  # fmt: skip
+    def first(n: int) -> SplitData:
+        return SplitData(split.rows[:n], split.labels[:n], split.weights[:n], split.table.iloc[:n])
+
+    data, cpu, n = SimpleNamespace(cache=cache), torch.device("cpu"), min(n_images, len(split))
+    predict(net, data, first(batch_size), cpu, batch_size, False, normalize)  # warm-up
     t0 = time.perf_counter()
-    predict(net, data, subset, torch.device("cpu"), batch_size, False, normalize)
+    predict(net, data, first(n), cpu, batch_size, False, normalize)
     seconds = time.perf_counter() - t0
     net.train()
     return n / seconds

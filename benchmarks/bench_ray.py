@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import REPO, WORK, case, figure, log
+from benchmarks.common import REPO, WORK, case, embedded_cache, figure, log
 
 TARGET = 1.15
 LONG_TRIAL_S = 20.0
@@ -49,10 +49,8 @@ def run(
         image_size: input side (small: the figure is about overhead, not compute).
         seed: search seed (the random sampler gives every arm the same configurations).
     """
-    from mura_tune.data.cache import build_cache
-    from mura_tune.data.mura import read_dataset
 
-    build_cache(read_dataset(None).table["image_path"].tolist(), image_size, progress=False)
+    embedded_cache(image_size)
     root = WORK / "ray_overhead"
     shutil.rmtree(root, ignore_errors=True)
     search = ["--space", "custom_cnn", "--num-samples", str(n_trials), "--max-epochs", str(trial_epochs),

@@ -21,7 +21,7 @@ import shutil
 import statistics
 import time
 
-from benchmarks.common import WORK, figure, log
+from benchmarks.common import WORK, embedded_cache, figure, log
 
 TARGET = 0.5
 ARMS = ("tpe_asha", "random")
@@ -48,10 +48,8 @@ def run(
     import ray
 
     from mura_tune import tuning
-    from mura_tune.data.cache import build_cache
-    from mura_tune.data.mura import read_dataset
 
-    build_cache(read_dataset(None).table["image_path"].tolist(), image_size, progress=False)
+    embedded_cache(image_size)
     root = WORK / "search"
     shutil.rmtree(root, ignore_errors=True)
     tuning.init_ray(None)
@@ -161,7 +159,7 @@ def _search(
     recorder = _recorder()
     started = time.time()
     recorder.t0 = started
-    _fit(tuning, plan, budget_s, recorder)
+    tuning.build_tuner(plan, "all", callbacks=[recorder], verbose=0, time_budget_s=budget_s).fit()
     events = recorder.events
     return {
         "events": events,
@@ -170,17 +168,6 @@ def _search(
         "epochs": len(events),
         "seconds": round(time.time() - started, 1),
     }
-
-
-def _fit(tuning, plan, budget_s: float, recorder) -> None:
-    build_tuner(plan, callbacks=[recorder], time_budget_s=budget_s).fit()
-
-
-def build_tuner(plan, callbacks=(), **tune_config):
-    """The search's own ``tune.Tuner`` for its main scope, with extra ``TuneConfig`` fields."""
-    from mura_tune import tuning
-
-    return tuning.build_tuner(plan, next(iter(plan.scopes)), callbacks=callbacks, verbose=0, **tune_config)
 
 
 def _recorder():

@@ -65,11 +65,18 @@ def synth_set(name: str = "synth512", **overrides: Any) -> Path:
     return out
 
 
-def image_table(data: Path):
-    """The canonical image table of a MURA folder (``read_dataset(data).table``)."""
+def image_table(data: Path | None):
+    """The canonical image table of a MURA folder (``read_dataset(data).table``; None: the embedded set)."""
     from mura_tune.data.mura import read_dataset
 
     return read_dataset(data).table
+
+
+def embedded_cache(size: int):
+    """The decoded-image cache of the embedded set at ``size`` px (built once, then reused)."""
+    from mura_tune.data.cache import build_cache
+
+    return build_cache(image_table(None)["image_path"].tolist(), size, progress=False)
 
 
 def load_1m() -> float:

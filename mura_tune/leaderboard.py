@@ -21,6 +21,9 @@ from mura_tune.errors import ExperimentError
 from mura_tune.io import write_parquet
 
 LEADERBOARD = "leaderboard.parquet"
+#: trials/<id>/recovered.json: a trial only Optuna saw end (the driver died before Ray saved it);
+#: written by ``--resume`` (:func:`mura_tune.tuning.recover_scope`).
+RECOVERED_FILE = "recovered.json"
 #: <exp>/specialists/<PART>/: the Ray folder of each specialist search.
 SPECIALISTS_DIR = "specialists"
 RUNNING = "RUNNING"
@@ -142,7 +145,7 @@ def build_leaderboard(exp_dir: str | Path, write: bool = True) -> pd.DataFrame:
         meta = json.loads((trial_dir / "trial.json").read_text())
         summary = _read_json(trial_dir / "summary.json")
         error = _read_json(trial_dir / "error.json")
-        recovered = _read_json(trial_dir / "recovered.json")
+        recovered = _read_json(trial_dir / RECOVERED_FILE)
         status, reason = _status(ray_states.get(meta["trial_id"]), summary, error, recovered)
         row = {
             "experiment": exp_dir.name,

@@ -5,8 +5,8 @@
   ``base_filters`` up to ``max_filters``; optional Dropout2d after each cell.
 * timm backbones (DenseNet-121/169/201, ResNet-18/34/50, EfficientNet-B0).
 
-Both end in global pooling (``global_pool``: average, max, or their mean), an optional MLP head (``head_widths``, ``head_dropout``),
-dropout and a single logit. ``unfreeze_blocks=K`` trains only the last K *blocks* of the
+Both end in global pooling (``global_pool``: average, max, or their mean), an optional MLP head
+(``head_widths``, ``head_dropout``), dropout and a single logit. ``unfreeze_blocks=K`` trains only the last K *blocks* of the
 backbone (plus the head); 0 trains the head only, ``"all"`` everything. Blocks per family:
 
 * DenseNet: stem | denseblock1+transition1 | denseblock2+transition2 | denseblock3+transition3 | denseblock4+norm5

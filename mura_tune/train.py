@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -306,8 +307,6 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[MuraNet, Tra
     path = Path(path)
     if not path.exists():
         raise DataError(f"checkpoint not found: {path}")
-    import pickle
-
     try:
         blob = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError:

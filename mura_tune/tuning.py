@@ -34,13 +34,10 @@ from typing import Any
 
 from mura_tune.constants import BODY_PARTS, METRIC, MODE, TIME_ATTR
 from mura_tune.errors import ConfigError, ExperimentError
-from mura_tune.leaderboard import SPECIALISTS_DIR, read_ray_state
+from mura_tune.leaderboard import RECOVERED_FILE, SPECIALISTS_DIR, read_ray_state
 
 EXPERIMENT_FILE = "experiment.json"
 RESUME_FILE = "resume.pt"  # trials/<id>/resume.pt: the unfinished trial's resumable state
-RECOVERED_FILE = (
-    "recovered.json"  # a trial only Optuna saw end (the driver died before Ray saved it)
-)
 #: ASHA's and TPE's time axis: our own epoch counter, which survives restarts (Ray's
 #: ``training_iteration`` starts again at 1 when a trial is restarted without a Ray checkpoint).
 STEP = TIME_ATTR
@@ -411,11 +408,10 @@ def plan_search(args) -> SearchPlan:
     cuda = _cuda_visible()
     preset_name = args.preset or ("gpu" if cuda else "cpu")
     preset = space.preset(preset_name)
-    num_samples = (
-        args.num_samples if args.num_samples is not None else preset.pop("num_samples", 10)
-    )
-    max_epochs = args.max_epochs if args.max_epochs is not None else preset.pop("max_epochs", 5)
-    preset.pop("num_samples", None), preset.pop("max_epochs", None), preset.pop("space_args", None)
+    preset_samples, preset_epochs = preset.pop("num_samples", 10), preset.pop("max_epochs", 5)
+    preset.pop("space_args", None)  # used by the space's sampler, not a config field
+    num_samples = args.num_samples if args.num_samples is not None else preset_samples
+    max_epochs = args.max_epochs if args.max_epochs is not None else preset_epochs
     _check(num_samples >= 1, f"--num-samples must be >= 1, got {num_samples}")
     _check(max_epochs >= 1, f"--max-epochs must be >= 1, got {max_epochs}")
     _check(
@@ -697,17 +693,18 @@ def _report_params(space, plan) -> list[str]:
 
 # --- crash recovery ----------------------------------------------------------------------------------
 def _study(plan: SearchPlan, scope: str):
-    """(storage, study id) of the scope's Optuna study, or (None, None) before it exists."""
+    """(storage, study id, trials) of the scope's Optuna study; (None, None, []) before it exists."""
     import optuna
 
     db = Path(plan.exp_dir) / "optuna.db"
     if not db.exists():
-        return None, None
+        return None, None, []
     storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
     try:
-        return storage, storage.get_study_id_from_name(f"{plan.name}:{scope}")
+        study_id = storage.get_study_id_from_name(f"{plan.name}:{scope}")
     except KeyError:
-        return storage, None
+        return storage, None, []
+    return storage, study_id, storage.get_all_trials(study_id, deepcopy=False)
 
 
 def scope_done(plan: SearchPlan, scope: str) -> bool:
@@ -715,8 +712,7 @@ def scope_done(plan: SearchPlan, scope: str) -> bool:
     state = read_ray_state(plan.ray_dir(scope))
     if state is None or any(t["status"] in UNFINISHED for t in state.values()):
         return False
-    storage, study_id = _study(plan, scope)
-    trials = storage.get_all_trials(study_id, deepcopy=False) if study_id is not None else []
+    _, _, trials = _study(plan, scope)
     return len(trials) >= plan.scopes[scope] and all(t.state.is_finished() for t in trials)
 
 
@@ -740,8 +736,7 @@ def recover_scope(plan: SearchPlan, scope: str) -> tuple[list[str], int]:
     from mura_tune.io import write_json
 
     known = set(read_ray_state(plan.ray_dir(scope)) or {})
-    storage, study_id = _study(plan, scope)
-    trials = storage.get_all_trials(study_id, deepcopy=False) if study_id is not None else []
+    storage, study_id, trials = _study(plan, scope)
     by_ray_id = {t.user_attrs.get("ray_trial_id"): t for t in trials}
     exp = Path(plan.exp_dir)
     moved = []
@@ -763,10 +758,8 @@ def recover_scope(plan: SearchPlan, scope: str) -> tuple[list[str], int]:
                 if failed
                 else pd.read_parquet(trial_dir / "metrics.parquet")[[STEP, METRIC]].dropna().values
             )
-            for (
-                epoch,
-                value,
-            ) in values:  # as the searcher would have: every epoch, then the last as the result
+            # As the searcher would have: every epoch, then the last one as the result.
+            for epoch, value in values:
                 storage.set_trial_intermediate_value(optuna_id, int(epoch), float(value))
             if len(values) and math.isfinite(values[-1][1]):
                 storage.set_trial_state_values(
@@ -788,7 +781,7 @@ def recover_scope(plan: SearchPlan, scope: str) -> tuple[list[str], int]:
             os.replace(ray_trial, dest / "ray")
         moved.append(trial_dir.name)
     requeued = 0
-    for trial in storage.get_all_trials(study_id, deepcopy=False) if study_id is not None else []:
+    for trial in _study(plan, scope)[2]:  # re-read: the loop above may have finished some
         if trial.state == TrialState.RUNNING and trial.user_attrs.get("ray_trial_id") not in known:
             optuna_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
             requeued += bool(storage.set_trial_state_values(optuna_id, TrialState.WAITING))

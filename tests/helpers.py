@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -50,3 +51,17 @@ def cli(*args, env: dict | None = None, timeout: float = 300) -> subprocess.Comp
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "mura_tune", *map(str, args)], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=REPO)
+
+
+def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 400):
+    """Poll ``condition()`` until it is truthy and return it; fail (with the log's tail) if ``proc``
+    exits first or ``timeout`` seconds pass (then ``proc`` is killed; callers stop its group)."""
+    start = time.time()
+    while not (found := condition()):
+        if proc.poll() is not None:
+            raise AssertionError(f"search exited early ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        if time.time() - start > timeout:
+            proc.kill()
+            raise AssertionError(f"timed out:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+    return found

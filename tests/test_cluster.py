@@ -16,12 +16,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import REPO
+from helpers import REPO, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -56,19 +55,6 @@ def _trials(exp: Path) -> dict[str, dict]:
         except (OSError, ValueError):
             pass
     return out
-
-
-def _wait(condition, proc: subprocess.Popen, log: Path, timeout: float = 400):
-    start = time.time()
-    while not (found := condition()):
-        assert proc.poll() is None, (
-            f"search exited early ({proc.returncode}):\n{log.read_text()[-3000:]}"
-        )
-        if time.time() - start > timeout:
-            proc.kill()
-            raise AssertionError(f"timed out:\n{log.read_text()[-3000:]}")
-        time.sleep(0.05)
-    return found
 
 
 def test_search_spreads_over_nodes_and_survives_losing_one(cluster, tiny_data, tmp_path):
@@ -115,13 +101,13 @@ def test_search_spreads_over_nodes_and_survives_losing_one(cluster, tiny_data, t
     try:
         # The trial on the worker node has started: give its retry somewhere to go, then kill the
         # worker node once the trial saved a resumable state (after epoch 1 of 4).
-        lost = _wait(
+        lost = wait_for(
             lambda: next((t for t, m in _trials(exp).items() if m["node_id"] == worker_id), None),
             proc,
             log,
         )
         replacement = nodes.add_node(num_cpus=1)
-        _wait(lambda: (exp / "trials" / lost / "resume.pt").exists(), proc, log)
+        wait_for(lambda: (exp / "trials" / lost / "resume.pt").exists(), proc, log)
         nodes.remove_node(worker)
         assert proc.wait(600) == 0, log.read_text()[-3000:]
     finally:

@@ -21,7 +21,7 @@ import optuna
 import pandas as pd
 import pytest
 from conftest import run_cli
-from helpers import REPO
+from helpers import REPO, wait_for
 
 from mura_tune.constants import METRIC
 
@@ -60,17 +60,17 @@ def _finished(exp: Path) -> set[str]:
     return done
 
 
-def _wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 400) -> None:
-    start = time.time()
-    while not condition():
-        if proc.poll() is not None:
-            raise AssertionError(
-                f"search exited early ({proc.returncode}):\n{log.read_text()[-3000:]}"
-            )
-        if time.time() - start > timeout:
-            _stop_group(proc)
-            raise AssertionError(f"timed out:\n{log.read_text()[-3000:]}")
-        time.sleep(0.2)
+def _plan(exp: Path, **fields):
+    """A search plan for an experiment folder built by hand (named ``x``, custom_cnn, one CPU)."""
+    from mura_tune.tuning import SearchPlan
+
+    defaults = dict(
+        name="x", exp_dir=str(exp), space="custom_cnn", preset="cpu", fixed={}, num_samples=4, max_epochs=2,
+        grace_period=1, reduction_factor=2, max_concurrent=None, cpus_per_trial=1, gpus_per_trial=0, seed=0,
+        scopes={"all": 4}, split_path=str(exp / "split.parquet"), data=None, max_failures=0, strict=False,
+        random_search=False,
+    )  # fmt: skip
+    return SearchPlan(**{**defaults, **fields})
 
 
 def _fingerprint(trial_dir: Path) -> dict:
@@ -109,7 +109,7 @@ def test_driver_sigkill_then_sigint_then_resume(tiny_data, ray_session, tmp_path
     # 1) SIGKILL the driver (and its whole process group: its local Ray dies too) after >= 1 finished trial.
     proc = _start(args, tmp_path / "run1.log")
     try:
-        _wait_for(lambda: _finished(exp), proc, tmp_path / "run1.log")
+        wait_for(lambda: _finished(exp), proc, tmp_path / "run1.log")
     finally:
         _stop_group(proc)
     assert proc.returncode == -signal.SIGKILL
@@ -124,7 +124,7 @@ def test_driver_sigkill_then_sigint_then_resume(tiny_data, ray_session, tmp_path
     proc = _start(resume, tmp_path / "run2.log")
     started_before = {p.parent.name for p in exp.glob("trials/*/trial.json")}
     try:
-        _wait_for(
+        wait_for(
             lambda: {p.parent.name for p in exp.glob("trials/*/trial.json")} - started_before,
             proc,
             tmp_path / "run2.log",
@@ -167,30 +167,10 @@ def test_resume_recovers_trials_ray_never_recorded(tmp_path):
     """The races a SIGKILL leaves, made deterministic: Ray's saved state knows trial ``known``;
     ``done`` finished and ``half`` was mid-run after that save, and Optuna heard neither end."""
     from mura_tune.leaderboard import build_leaderboard
-    from mura_tune.tuning import SearchPlan, recover_scope
+    from mura_tune.tuning import recover_scope
 
     exp = tmp_path / "x"
-    plan = SearchPlan(
-        name="x",
-        exp_dir=str(exp),
-        space="custom_cnn",
-        preset="cpu",
-        fixed={},
-        num_samples=4,
-        max_epochs=2,
-        grace_period=1,
-        reduction_factor=2,
-        max_concurrent=None,
-        cpus_per_trial=1,
-        gpus_per_trial=0,
-        seed=0,
-        scopes={"all": 4},
-        split_path=str(exp / "split.parquet"),
-        data=None,
-        max_failures=0,
-        strict=False,
-        random_search=False,
-    )
+    plan = _plan(exp, num_samples=4, scopes={"all": 4})
     exp.mkdir()
     study = optuna.create_study(
         study_name="x:all", storage=f"sqlite:///{exp / 'optuna.db'}", direction="maximize"
@@ -422,32 +402,10 @@ def test_leaderboard_never_unpickles_ray_state(tmp_path):
 
 def test_space_file_runs_only_when_named(tmp_path, capsys):
     """``--resume`` never executes a space file recorded in experiment.json unless --space names it."""
-    from mura_tune.tuning import SearchPlan
-
     marker, space_file = tmp_path / "pwned", tmp_path / "evil_space.py"
     space_file.write_text(f"open({str(marker)!r}, 'w').close()\n")
     exp = tmp_path / "results" / "x"
-    SearchPlan(
-        name="x",
-        exp_dir=str(exp),
-        space=str(space_file),
-        preset="cpu",
-        fixed={},
-        num_samples=1,
-        max_epochs=1,
-        grace_period=1,
-        reduction_factor=2,
-        max_concurrent=None,
-        cpus_per_trial=1,
-        gpus_per_trial=0,
-        seed=0,
-        scopes={"all": 1},
-        split_path=str(exp / "split.parquet"),
-        data=None,
-        max_failures=0,
-        strict=False,
-        random_search=False,
-    ).save()
+    _plan(exp, space=str(space_file), num_samples=1, max_epochs=1, scopes={"all": 1}).save()
     assert (
         run_cli(
             "--space", "custom_cnn", "--results", tmp_path / "results", "--name", "x", "--resume"

@@ -400,12 +400,13 @@ def _assign_truth(studies: list[_Study], seed: int, difficulty: float) -> None:
         )
         for i in idx:
             studies[i].true_label = 1 - studies[i].label if i in flip else studies[i].label
+    p_visible = view_shows_finding(difficulty)
     for i, st in enumerate(studies):
         if not st.true_label or not st.images:
             continue
         rng = np.random.default_rng([seed, _TAG_FINDING, i])
         st.finding = FINDINGS[int(rng.choice(len(FINDINGS), p=FINDING_PROBS[st.part]))]
-        vis = rng.random(len(st.images)) < view_shows_finding(difficulty)
+        vis = rng.random(len(st.images)) < p_visible
         if not vis.any():
             vis[rng.integers(len(st.images))] = True
         st.visible = [bool(v) for v in vis]
