@@ -22,7 +22,7 @@ DEMO_NAME := demo-$(shell date +%Y%m%d-%H%M%S)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} $(BIN)/mura-tune data summary --no-image-check
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} $(BIN)/mura-tune --space densenet_finetune --preset cpu --name $(DEMO_NAME) \
-		--num-samples 6 --max-epochs 3 --grace-period 1
+		--num-samples 6 --max-epochs 4 --grace-period 1
 	$(BIN)/mura-tune ensemble --experiment results/$(DEMO_NAME) --name $(DEMO_NAME)
 	$(BIN)/mura-tune report --experiment results/$(DEMO_NAME) --ensemble ensembles/$(DEMO_NAME)
 

@@ -29,21 +29,26 @@ ARMS = ("tpe_asha", "random")
 
 def run(
     seeds: tuple[int, ...] = (0, 1, 2),
-    budget_s: float = 60.0,
-    num_samples: int = 24,
-    max_epochs: int = 4,
-    image_size: int = 64,
+    budget_s: float = 90.0,
+    num_samples: int = 15,
+    max_epochs: int = 6,
+    image_size: int = 32,
     cpus_per_trial: int = 1,
+    reduction_factor: int = 3,
+    max_concurrent: int | None = None,
 ) -> dict:
     """Run both arms for every seed (arms alternate which goes first) and compare.
 
     Args:
         seeds: search seeds (split, sampler); at least 3 for a median.
         budget_s: wall-clock budget of every search.
-        num_samples: trial cap of both arms (TPE's random start-up is ``max(2, min(10, n // 3))``).
+        num_samples: trial cap of both arms (TPE's random start-up is ``max(2, min(10, n // 3))``,
+            so 15 gives 5 start-up trials: the budget is too short to get past 10).
         max_epochs: epochs of a full trial (ASHA's max_t).
         image_size: input side.
         cpus_per_trial: CPUs per trial (2 cores -> 2 concurrent trials).
+        reduction_factor: ASHA's reduction factor (grace period 1).
+        max_concurrent: trials at once (default: as many as the CPUs allow).
     """
     import ray
 
@@ -67,6 +72,8 @@ def run(
                     max_epochs,
                     image_size,
                     cpus_per_trial,
+                    reduction_factor,
+                    max_concurrent,
                 )
                 r = runs[arm][seed]
                 log(
@@ -94,7 +101,7 @@ def run(
     unreached = sum(1 for s in per_seed.values() if not s["reached"])
     raw = {
         "seeds": list(seeds), "budget_seconds": budget_s, "num_samples_cap": num_samples, "max_epochs": max_epochs,
-        "image_size": image_size, "cpus_per_trial": cpus_per_trial, "space": "custom_cnn", "data": "embedded",
+        "image_size": image_size, "cpus_per_trial": cpus_per_trial, "reduction_factor": reduction_factor, "space": "custom_cnn", "data": "embedded",
         "median_best_kappa": {arm: _r(statistics.median(runs[arm][s]["best"] for s in seeds)) for arm in ARMS},
         "per_seed": per_seed,
         "curves": {arm: {str(s): [[round(t, 1), _r(v)] for t, v in _best_so_far(runs[arm][s]["events"])]
@@ -103,11 +110,20 @@ def run(
     notes = (
         f"Equal wall-clock budgets of {budget_s:g} s per search (Ray's time_budget_s; the CLI has no such flag), "
         f"{len(seeds)} seeds, custom_cnn space at {image_size} px on the embedded data, {cpus_per_trial} CPU per "
-        f"trial, max {max_epochs} epochs (ASHA grace 1, reduction 2). ratio = median over seeds of the time "
+        f"trial, max {max_epochs} epochs (ASHA grace 1, reduction {reduction_factor}). ratio = median over seeds of the time "
         f"TPE+ASHA needs to reach random search's final best / the time random search needs. Val kappa on a "
         f"small val set is noisy, and more configurations tried means more chances of a lucky score: "
         f"read it with median_best_kappa and the curves."
     )
+    if median_ratio > TARGET:
+        notes += (
+            f" Why the target is missed here: within make bench's 20 minutes a search gets about "
+            f"{statistics.median(r['epochs'] for arm in ARMS for r in runs[arm].values()):.0f} epochs and "
+            f"{statistics.median(runs['random'][s]['trials'] for s in seeds):.0f} random trials. Both arms draw "
+            f"the same first configurations (TPE's start-up is the seeded random sampler), so whenever random "
+            f"search's best comes from those, TPE+ASHA reaches it at about the same time (ratio ~1); ASHA only "
+            f"saves epochs once several trials share a rung, and TPE only differs after its start-up trials."
+        )
     if unreached:
         notes += (
             f" In {unreached} seed(s) TPE+ASHA never reached random's best within the budget; "
@@ -126,6 +142,8 @@ def _search(
     max_epochs: int,
     image_size: int,
     cpus_per_trial: int,
+    reduction_factor: int,
+    max_concurrent: int | None,
 ) -> dict:
     from mura_tune.cli import build_parser
 
@@ -145,11 +163,17 @@ def _search(
         f"{arm}-seed{seed}",
         "--cpus-per-trial",
         str(cpus_per_trial),
+        "--grace-period",
+        "1",
+        "--reduction-factor",
+        str(reduction_factor),
         "--seed",
         str(seed),
         "--set",
         f"image_size={image_size}",
     ]
+    if max_concurrent:
+        argv += ["--max-concurrent", str(max_concurrent)]
     if arm == "random":
         argv.append("--random-search")
     args = build_parser().parse_args(argv)

@@ -25,7 +25,7 @@ MODEL = "densenet121"
 
 def run(
     seeds: tuple[int, ...] = (0, 1),
-    epochs: int = 4,
+    epochs: int = 6,
     image_size: int = 64,
     unfreeze_blocks: int = 1,
     pretrain_epochs: int | None = None,
@@ -33,6 +33,7 @@ def run(
     lr: float = 1e-3,
     threads: int = 1,
     out: str | Path = "results/pretrain_vs_random",
+    arms: tuple[str, ...] = ("bodypart", "random"),
 ) -> dict:
     """Fine-tune from body-part-pretrained and from random weights; return both arms' val kappas.
 
@@ -47,6 +48,7 @@ def run(
         lr: fine-tuning learning rate.
         threads: torch CPU threads per run (1 is fastest on a shared 2-core machine).
         out: folder for the runs' outputs.
+        arms: which of ``bodypart`` and ``random`` to run.
 
     Returns:
         ``{"pretrain": {...}, "runs": [{arm, seed, val_kappa_study, val_auc, ...}], "mean": {arm: kappa}}``.
@@ -92,6 +94,8 @@ def run(
     }
     for seed in seeds:
         for arm, pretrained in (("bodypart", str(weights)), ("random", "none")):
+            if arm not in arms:
+                continue
             config = TrainConfig(
                 model=MODEL,
                 pretrained=pretrained,
@@ -131,7 +135,7 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--unfreeze-blocks", type=int, default=1)
     parser.add_argument("--pretrain-epochs", type=int, default=None)
@@ -139,6 +143,7 @@ if __name__ == "__main__":
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="results/pretrain_vs_random")
+    parser.add_argument("--arms", nargs="+", default=["bodypart", "random"], choices=["bodypart", "random"])
     a = parser.parse_args()
     print(
         json.dumps(
@@ -152,6 +157,7 @@ if __name__ == "__main__":
                 a.lr,
                 a.threads,
                 a.out,
+                tuple(a.arms),
             ),
             indent=2,
         )

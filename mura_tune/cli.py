@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_arg(p)
     p.add_argument("--backbone", default="densenet121")
     p.add_argument("--task", default="body_part", choices=["body_part"])
-    p.add_argument("--epochs", type=POSITIVE_INT, default=3)
+    p.add_argument("--epochs", type=POSITIVE_INT, default=6, help="passes over the train split (default 6, as pretrained: auto)")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch-size", type=POSITIVE_INT, default=32)
     p.add_argument("--lr", type=number(float, 0, low_open=True), default=1e-3)

@@ -111,7 +111,8 @@ def pretrain(args) -> int:
 
     out, info = pretrain_bodypart(args.backbone, data=args.data, out=args.out, epochs=args.epochs,
                                   image_size=args.image_size, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    print(f"body-part accuracy on the train split's held-in check: {info['train_accuracy']:.3f}")
+    print(f"body-part accuracy {info['holdout_accuracy']:.3f} on {info['holdout']['images']} held-out train-split images "
+          f"(last epoch's augmented train accuracy {info['train_accuracy']:.3f})")
     paths_written(out, Path(out).with_suffix(".json"))
     return 0
 

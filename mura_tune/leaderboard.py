@@ -171,19 +171,25 @@ def build_leaderboard(exp_dir: str | Path, write: bool = True) -> pd.DataFrame:
             if best_epoch > 0:
                 best_row = metrics[metrics["epoch"] == best_epoch].iloc[0]
                 best_val = {k: best_row[k] for k in metrics.columns if k.startswith("val_")}
+        predictions = (
+            pd.read_parquet(trial_dir / "predictions.parquet")
+            if (trial_dir / "predictions.parquet").exists()
+            else None
+        )
         if summary is not None and summary.get("test"):
             best_test = summary["test"]
-        elif (trial_dir / "predictions.parquet").exists():
+        elif predictions is not None:
             from mura_tune.metrics import split_metrics
 
-            preds = pd.read_parquet(trial_dir / "predictions.parquet")
-            test = preds[preds["split"] == "test"]
+            test = predictions[predictions["split"] == "test"]
             best_test = split_metrics(test, "test") if len(test) else {}
         row["best_epoch"] = best_epoch
         if status == ERROR:
             best_val = {}  # errors are never reported as scores
         row.update({k: _float(v) for k, v in best_val.items()})
         row.update({k: _float(v) for k, v in best_test.items()} if status != ERROR else {})
+        if predictions is not None and status != ERROR:
+            row.update(kappa_intervals(predictions))
         for key, value in meta["params"].items():
             row[f"hp_{key}"] = value
         best_pt, preds = trial_dir / "best.pt", trial_dir / "predictions.parquet"
@@ -227,6 +233,24 @@ def build_leaderboard(exp_dir: str | Path, write: bool = True) -> pd.DataFrame:
     if write:
         write_parquet(exp_dir / LEADERBOARD, board)
     return board
+
+
+def kappa_intervals(predictions: pd.DataFrame) -> dict[str, float]:
+    """95% bootstrap interval (1,000 resamples of studies) of the val and test study kappa of a checkpoint's predictions.
+
+    Returns ``{"val_kappa_study_ci_low", "val_kappa_study_ci_high", "test_..."}`` (NaN for an absent split).
+    """
+    from mura_tune.metrics import bootstrap_intervals, study_table
+
+    out = {}
+    for split in ("val", "test"):
+        rows = predictions[predictions["split"] == split]
+        low = high = math.nan
+        if len(rows):
+            studies = study_table(rows)
+            low, high = bootstrap_intervals(studies["label"], studies["prob"], n_boot=1000, seed=0)["kappa"]
+        out[f"{split}_kappa_study_ci_low"], out[f"{split}_kappa_study_ci_high"] = low, high
+    return out
 
 
 def _typed(board: pd.DataFrame) -> pd.DataFrame:
@@ -281,4 +305,20 @@ def format_leaderboard(board: pd.DataFrame, top: int = 10) -> str:
     view.columns = [c.removeprefix("hp_") for c in view.columns]
     counts = board["status"].value_counts().to_dict()
     head = f"leaderboard: {len(board)} trials ({', '.join(f'{k} {v}' for k, v in counts.items())}); test is shown, never used for ranking"
-    return head + "\n" + view.to_string(index=False, float_format=lambda v: f"{v:.3f}")
+    return head + "\n" + view.to_string(index=False, float_format=lambda v: f"{v:.3f}") + _best_line(board)
+
+
+def _best_line(board: pd.DataFrame) -> str:
+    """The top trial's val and test study kappa with their bootstrap intervals (empty if not available)."""
+    if board.empty or "val_kappa_study_ci_low" not in board or not np.isfinite(board[METRIC].iloc[0]):
+        return ""
+    best = board.iloc[0]
+
+    def ci(split: str) -> str:
+        value, low, high = (best.get(f"{split}_kappa_study{s}", math.nan) for s in ("", "_ci_low", "_ci_high"))
+        return f"{split} study kappa {value:.3f} [{low:.3f}, {high:.3f}]"
+
+    return (
+        f"\nbest trial {best['trial_id']}: {ci('val')}, {ci('test')} "
+        "(95% bootstrap intervals over studies; the best of many val scores is optimistic, its test score is not)"
+    )

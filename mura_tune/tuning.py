@@ -328,14 +328,15 @@ def _searcher_class():
             if trial_id in self._completed_trials or trial_id not in self._ot_trials:
                 return
             self._completed_trials.add(trial_id)
-            if self._finished_in_storage(trial_id):
+            stored = self._stored(trial_id)
+            if stored.state.is_finished():
                 return
             ot_trial = self._ot_trials[trial_id]
             result = result or {}
             value, step = result.get(self.metric), result.get(STEP)
             finite = isinstance(value, (int, float)) and math.isfinite(value)
-            if not error and finite and step is not None:
-                # Ray hands the final result only to on_trial_complete: record it as the last rung value.
+            if not error and finite and step is not None and step not in stored.intermediate_values:
+                # Ray may hand the final result only to on_trial_complete: record it as the last rung value.
                 ot_trial.report(value, step)
             if error or not finite:
                 state, value = TrialState.FAIL, None
@@ -345,9 +346,12 @@ def _searcher_class():
                 state, value = TrialState.PRUNED, None
             self._ot_study.tell(ot_trial, value, state=state, skip_if_finished=True)
 
+        def _stored(self, trial_id: str):
+            """The Optuna trial as stored (state and intermediate values), not the searcher's handle."""
+            return self._ot_study._storage.get_trial(self._ot_trials[trial_id]._trial_id)
+
         def _finished_in_storage(self, trial_id: str) -> bool:
-            ot_trial = self._ot_trials[trial_id]
-            return self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished()
+            return self._stored(trial_id).state.is_finished()
 
     return MuraOptunaSearch
 

@@ -65,3 +65,16 @@ def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 400)
             raise AssertionError(f"timed out:\n{log.read_text()[-3000:]}")
         time.sleep(0.05)
     return found
+
+
+def search_plan(exp: Path, **fields):
+    """A search plan for an experiment folder built by hand (named ``x``, custom_cnn, one CPU)."""
+    from mura_tune.tuning import SearchPlan
+
+    defaults = dict(
+        name="x", exp_dir=str(exp), space="custom_cnn", preset="cpu", fixed={}, num_samples=4, max_epochs=2,
+        grace_period=1, reduction_factor=2, max_concurrent=None, cpus_per_trial=1, gpus_per_trial=0, seed=0,
+        scopes={"all": 4}, split_path=str(exp / "split.parquet"), data=None, max_failures=0, strict=False,
+        random_search=False,
+    )  # fmt: skip
+    return SearchPlan(**{**defaults, **fields})

@@ -218,9 +218,8 @@ def test_ensure_builds_once(small_data, monkeypatch):
     first = ensure_bodypart_weights(
         "resnet18", data=small_data, image_size=SIZE, verbose=False, epochs=1
     )
-    assert first.name.startswith("resnet18-bodypart-") and first.name.endswith(
-        f"-{SIZE}px.safetensors"
-    )
+    assert first.name.startswith("resnet18-bodypart-") and f"-{SIZE}px-" in first.name
+    assert first.suffix == ".safetensors"
     assert json.loads(first.with_suffix(".json").read_text())["splits"] == ["train"]
 
     def must_not_run(*args, **kwargs):
@@ -228,6 +227,11 @@ def test_ensure_builds_once(small_data, monkeypatch):
 
     monkeypatch.setattr(pretrain_module, "pretrain_bodypart", must_not_run)
     assert (
-        ensure_bodypart_weights("resnet18", data=small_data, image_size=SIZE, verbose=False)
+        ensure_bodypart_weights("resnet18", data=small_data, image_size=SIZE, verbose=False, epochs=1)
         == first
     )
+    # Another recipe (here: epochs) is other weights, never the ones built above.
+    other = pretrain_module.bodypart_weights_path(
+        "resnet18", pretrain_module.data_hash(pretrain_module.train_table(small_data)), SIZE, epochs=2
+    )
+    assert other != first and other.parent == first.parent

@@ -21,7 +21,7 @@ import optuna
 import pandas as pd
 import pytest
 from conftest import run_cli
-from helpers import REPO, wait_for
+from helpers import REPO, search_plan, wait_for
 
 from mura_tune.constants import METRIC
 
@@ -58,19 +58,6 @@ def _finished(exp: Path) -> set[str]:
         except (OSError, ValueError):
             pass
     return done
-
-
-def _plan(exp: Path, **fields):
-    """A search plan for an experiment folder built by hand (named ``x``, custom_cnn, one CPU)."""
-    from mura_tune.tuning import SearchPlan
-
-    defaults = dict(
-        name="x", exp_dir=str(exp), space="custom_cnn", preset="cpu", fixed={}, num_samples=4, max_epochs=2,
-        grace_period=1, reduction_factor=2, max_concurrent=None, cpus_per_trial=1, gpus_per_trial=0, seed=0,
-        scopes={"all": 4}, split_path=str(exp / "split.parquet"), data=None, max_failures=0, strict=False,
-        random_search=False,
-    )  # fmt: skip
-    return SearchPlan(**{**defaults, **fields})
 
 
 def _fingerprint(trial_dir: Path) -> dict:
@@ -170,7 +157,7 @@ def test_resume_recovers_trials_ray_never_recorded(tmp_path):
     from mura_tune.tuning import recover_scope
 
     exp = tmp_path / "x"
-    plan = _plan(exp, num_samples=4, scopes={"all": 4})
+    plan = search_plan(exp, num_samples=4, scopes={"all": 4})
     exp.mkdir()
     study = optuna.create_study(
         study_name="x:all", storage=f"sqlite:///{exp / 'optuna.db'}", direction="maximize"
@@ -405,7 +392,7 @@ def test_space_file_runs_only_when_named(tmp_path, capsys):
     marker, space_file = tmp_path / "pwned", tmp_path / "evil_space.py"
     space_file.write_text(f"open({str(marker)!r}, 'w').close()\n")
     exp = tmp_path / "results" / "x"
-    _plan(exp, space=str(space_file), num_samples=1, max_epochs=1, scopes={"all": 1}).save()
+    search_plan(exp, space=str(space_file), num_samples=1, max_epochs=1, scopes={"all": 1}).save()
     assert (
         run_cli(
             "--space", "custom_cnn", "--results", tmp_path / "results", "--name", "x", "--resume"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import optuna
@@ -41,6 +42,45 @@ def test_search_leaderboard_pruning_and_paths(experiment):
     assert {"hp_depth", "hp_lr", "val_auc", "test_kappa_study", "wall_seconds", "device", "node_id", "scope", "space"} <= set(board)
     assert board["hp_depth"].dtype.kind == "i" and board["hp_lr"].dtype.kind == "f"
     assert (board["scope"] == "all").all()
+
+
+def test_leaderboard_has_bootstrap_intervals_of_kappa(experiment):
+    from mura_tune.leaderboard import format_leaderboard
+
+    board = pd.read_parquet(experiment / "leaderboard.parquet")
+    for split in ("val", "test"):
+        low, high = board[f"{split}_kappa_study_ci_low"], board[f"{split}_kappa_study_ci_high"]
+        assert (low <= high).all() and low.between(-1, 1).all() and high.between(-1, 1).all(), split
+        assert (high > low).any(), split  # a real resampling, not a point copied twice
+    best = board.iloc[0]
+    assert (
+        f"best trial {best['trial_id']}: val study kappa {best[METRIC]:.3f} "
+        f"[{best['val_kappa_study_ci_low']:.3f}, {best['val_kappa_study_ci_high']:.3f}]"
+    ) in format_leaderboard(board)
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_searcher_tells_optuna_each_step_once(tmp_path, finished):
+    """Ray may hand a trial's last result to on_trial_result *and* on_trial_complete (e.g. when
+    a time budget stops it): Optuna gets the step once, and the right final state."""
+    from helpers import search_plan
+
+    from mura_tune.spaces import get_space
+    from mura_tune.tuning import STEP, make_searcher
+
+    plan = search_plan(tmp_path / "x")
+    (tmp_path / "x").mkdir()
+    searcher = make_searcher(plan, "all", get_space("custom_cnn").sampler_fn("cpu"))
+    assert searcher.suggest("t1") is not None
+    last = {METRIC: 0.3, STEP: 2, "trial_finished": finished}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Optuna warns "already reported" for a repeated step
+        searcher.on_trial_result("t1", {METRIC: 0.2, STEP: 1})
+        searcher.on_trial_result("t1", last)
+        searcher.on_trial_complete("t1", last)
+    (trial,) = optuna.load_study(study_name="x:all", storage=f"sqlite:///{tmp_path / 'x' / 'optuna.db'}").trials
+    assert trial.intermediate_values == {1: pytest.approx(0.2), 2: pytest.approx(0.3)}
+    assert trial.state.name == ("COMPLETE" if finished else "PRUNED")
 
 
 def test_pruned_trials_are_pruned_in_optuna(experiment):
