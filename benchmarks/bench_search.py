@@ -117,7 +117,7 @@ def run(
     )
     if median_ratio > TARGET:
         notes += (
-            f" Why the target is missed here: within make bench's 20 minutes a search gets about "
+            f" Why the target is missed here: with {budget_s:g}-s budgets a search gets about "
             f"{statistics.median(r['epochs'] for arm in ARMS for r in runs[arm].values()):.0f} epochs and "
             f"{statistics.median(runs['random'][s]['trials'] for s in seeds):.0f} random trials. Both arms draw "
             f"the same first configurations (TPE's start-up is the seeded random sampler), so whenever random "

@@ -192,9 +192,9 @@ def build_leaderboard(exp_dir: str | Path, write: bool = True) -> pd.DataFrame:
             row.update(kappa_intervals(predictions))
         for key, value in meta["params"].items():
             row[f"hp_{key}"] = value
-        best_pt, preds = trial_dir / "best.pt", trial_dir / "predictions.parquet"
+        best_pt, preds_path = trial_dir / "best.pt", trial_dir / "predictions.parquet"
         row["checkpoint_path"] = str(best_pt) if best_pt.exists() and status != ERROR else None
-        row["predictions_path"] = str(preds) if preds.exists() and status != ERROR else None
+        row["predictions_path"] = str(preds_path) if preds_path.exists() and status != ERROR else None
         row["wall_seconds"] = _float(
             (summary or {}).get(
                 "wall_seconds",
@@ -248,7 +248,8 @@ def kappa_intervals(predictions: pd.DataFrame) -> dict[str, float]:
         low = high = math.nan
         if len(rows):
             studies = study_table(rows)
-            low, high = bootstrap_intervals(studies["label"], studies["prob"], n_boot=1000, seed=0)["kappa"]
+            ci = bootstrap_intervals(studies["label"], studies["prob"], n_boot=1000, seed=0, auc=False)
+            low, high = ci["kappa"]
         out[f"{split}_kappa_study_ci_low"], out[f"{split}_kappa_study_ci_high"] = low, high
     return out
 

@@ -127,3 +127,19 @@ def test_load_predictions_study_level_filters_split(built):
     assert preds["study_id"].str.startswith("MURA-v1.1/valid/").all()
     with pytest.raises(DataError, match="not found"):
         load_predictions(out / "nope.parquet")
+
+
+def test_bootstrap_without_auc_gives_the_same_other_intervals():
+    import numpy as np
+
+    from mura_tune.metrics import bootstrap_intervals, cohen_kappa
+
+    rng = np.random.default_rng(0)
+    labels = rng.random(300) < 0.4
+    probs = np.clip(labels * 0.3 + rng.random(300) * 0.7, 0, 1)
+    full = bootstrap_intervals(labels, probs, n_boot=500, seed=3)
+    fast = bootstrap_intervals(labels, probs, n_boot=500, seed=3, auc=False)
+    assert "auc" in full and "auc" not in fast
+    assert fast == {k: v for k, v in full.items() if k != "auc"}
+    low, high = fast["kappa"]
+    assert low < cohen_kappa(labels, probs) < high and high - low > 0.05
