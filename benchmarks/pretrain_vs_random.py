@@ -123,7 +123,6 @@ def run(
             print(json.dumps(row), file=sys.stderr, flush=True)
     if set(arms) == {"bodypart", "random"}:
         result["difference"] = {str(seed): paired_difference(out, seed) for seed in seeds}
-    arms = {r["arm"] for r in result["runs"]}
     result["mean"] = {
         arm: round(
             sum(r["val_kappa_study"] for r in result["runs"] if r["arm"] == arm) / len(seeds), 3

@@ -171,11 +171,8 @@ def build_leaderboard(exp_dir: str | Path, write: bool = True) -> pd.DataFrame:
             if best_epoch > 0:
                 best_row = metrics[metrics["epoch"] == best_epoch].iloc[0]
                 best_val = {k: best_row[k] for k in metrics.columns if k.startswith("val_")}
-        predictions = (
-            pd.read_parquet(trial_dir / "predictions.parquet")
-            if (trial_dir / "predictions.parquet").exists()
-            else None
-        )
+        best_pt, preds_path = trial_dir / "best.pt", trial_dir / "predictions.parquet"
+        predictions = pd.read_parquet(preds_path) if preds_path.exists() else None
         if summary is not None and summary.get("test"):
             best_test = summary["test"]
         elif predictions is not None:
@@ -192,9 +189,8 @@ def build_leaderboard(exp_dir: str | Path, write: bool = True) -> pd.DataFrame:
             row.update(kappa_intervals(predictions))
         for key, value in meta["params"].items():
             row[f"hp_{key}"] = value
-        best_pt, preds_path = trial_dir / "best.pt", trial_dir / "predictions.parquet"
         row["checkpoint_path"] = str(best_pt) if best_pt.exists() and status != ERROR else None
-        row["predictions_path"] = str(preds_path) if preds_path.exists() and status != ERROR else None
+        row["predictions_path"] = str(preds_path) if predictions is not None and status != ERROR else None
         row["wall_seconds"] = _float(
             (summary or {}).get(
                 "wall_seconds",
