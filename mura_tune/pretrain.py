@@ -1,7 +1,9 @@
 """Body-part pretraining: a starting point for fine-tuning when ImageNet weights cannot be had.
 
 Every radiograph carries a free label, its body part (7 classes in MURA). A backbone trained to
-tell them apart learns radiograph edges, bone shapes and textures, which are worth freezing.
+tell them apart learns radiograph edges and bone shapes. On the embedded synthetic data that ranks
+val studies a little better than frozen random blocks but does not clearly raise kappa (README,
+benchmarks/pretrain_vs_random.py): it need not keep small findings.
 Only the ``train`` split is used: the split is the experiments' own patient-disjoint one
 (:func:`mura_tune.data.split.assign_split` with the same fraction and seed), the decoded cache is
 built from train paths only, and val/test images are never opened. A slice of the train
@@ -48,8 +50,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth")
 #: Fraction of train *patients* held out of pretraining to measure body-part accuracy.
 HOLDOUT_FRACTION = 0.1
 #: ``pretrained: auto`` defaults. On the embedded data at 64 px, densenet121 takes ~1-2 min an
-#: epoch on 2 CPUs; 6 epochs reach 0.947 held-out body-part accuracy (2 epochs: 0.878) and give
-#: fine-tuning a better start than 2 (benchmarks/pretrain_vs_random.py).
+#: epoch on 2 CPUs; 6 epochs reach 0.947 held-out body-part accuracy (2 epochs: 0.878).
 AUTO_EPOCHS = 6
 AUTO_LR = 1e-3
 AUTO_BATCH_SIZE = 32

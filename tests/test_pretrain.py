@@ -235,3 +235,39 @@ def test_ensure_builds_once(small_data, monkeypatch):
         "resnet18", pretrain_module.data_hash(pretrain_module.train_table(small_data)), SIZE, epochs=2
     )
     assert other != first and other.parent == first.parent
+
+
+def _write_arm_predictions(folder, rng, labels, accuracy):
+    """Val and test image predictions of one fake run; val predictions are right with ``accuracy``."""
+    rows = []
+    for split, flip in (("val", False), ("test", True)):
+        for study, label in enumerate(labels):
+            right = rng.random() < accuracy
+            prob = float(label == right) if not flip else float(label != right)
+            rows += [{"split": split, "study_id": f"{split}{study}", "label": label, "prob": prob}] * 2
+    folder.mkdir(parents=True)
+    pd.DataFrame(rows).to_parquet(folder / "predictions.parquet")
+
+
+@pytest.mark.parametrize("better", [True, False])
+def test_pretrain_comparison_pairs_val_studies_across_seeds(tmp_path, better):
+    import numpy as np
+
+    from benchmarks.pretrain_vs_random import paired_difference
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    for seed in (0, 1):
+        _write_arm_predictions(tmp_path / f"bodypart-seed{seed}", rng, labels, 0.85 if better else 0.6)
+        _write_arm_predictions(tmp_path / f"random-seed{seed}", rng, labels, 0.6)
+    diff = paired_difference(tmp_path, [0, 1], n_boot=500)
+    mean = diff["mean"]
+    low, high = mean["ci95"]
+    assert diff["val_studies"] == 200  # val only: the test rows (predictions flipped) are not read
+    assert low <= mean["kappa_bodypart_minus_random"] <= high
+    per_seed = [d["kappa_bodypart_minus_random"] for d in diff["per_seed"].values()]
+    assert mean["kappa_bodypart_minus_random"] == pytest.approx(sum(per_seed) / 2, abs=2e-3)
+    if better:  # kappa 0.7 vs 0.2 on 200 studies
+        assert diff["clearly_higher"] and low > 0.3
+    else:
+        assert not diff["clearly_higher"] and low < 0 < high
