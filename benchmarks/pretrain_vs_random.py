@@ -28,6 +28,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 MODEL = "densenet121"
+ARMS = ("bodypart", "random")
 
 
 def run(
@@ -40,7 +41,7 @@ def run(
     lr: float = 1e-4,
     threads: int = 1,
     out: str | Path = "results/pretrain_vs_random",
-    arms: tuple[str, ...] = ("bodypart", "random"),
+    arms: tuple[str, ...] = ARMS,
 ) -> dict:
     """Fine-tune from body-part-pretrained and from random weights; return both arms' val kappas.
 
@@ -132,7 +133,7 @@ def run(
             }
             result["runs"].append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-    if set(arms) == {"bodypart", "random"}:
+    if set(arms) == set(ARMS):
         result["difference"] = paired_difference(out, seeds)
     for key, metric in (("mean", "val_kappa_study"), ("mean_auc", "val_auc")):
         result[key] = {
@@ -160,12 +161,13 @@ def paired_difference(out: str | Path, seeds: tuple[int, ...] | list[int], n_boo
         preds = pd.read_parquet(Path(out) / f"{arm}-seed{seed}" / "predictions.parquet")
         return study_table(preds[preds["split"] == "val"]).set_index("study_id")
 
-    first = val_studies("bodypart", seeds[0])
+    studies = {(arm, seed): val_studies(arm, seed) for seed in seeds for arm in ARMS}
+    first = studies[ARMS[0], seeds[0]]
     labels = first["label"].to_numpy()
     idx = np.random.default_rng(0).integers(0, len(first), size=(n_boot, len(first)))
     point, boot = [], []
     for seed in seeds:
-        body, rand = (val_studies(arm, seed)["prob"].reindex(first.index).to_numpy() > THRESHOLD for arm in ("bodypart", "random"))
+        body, rand = (studies[arm, seed]["prob"].reindex(first.index).to_numpy() > THRESHOLD for arm in ARMS)
         point.append(kappa_batch(labels, body) - kappa_batch(labels, rand))
         boot.append(kappa_batch(labels[idx], body[idx]) - kappa_batch(labels[idx], rand[idx]))
 
@@ -195,7 +197,7 @@ if __name__ == "__main__":
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="results/pretrain_vs_random")
-    parser.add_argument("--arms", nargs="+", default=["bodypart", "random"], choices=["bodypart", "random"])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     a = parser.parse_args()
     print(
         json.dumps(
