@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = dsub.add_parser("synth", help="write a synthetic dataset in the exact MURA-v1.1 layout")
     p.add_argument("--out", required=True, help="folder to create OUT/MURA-v1.1 in")
     p.add_argument("--scale", type=number(float, 0, 1, low_open=True), default=0.02, help="fraction of MURA's patients (default 0.02)")
+    p.add_argument("--valid-scale", type=number(float, 0, 1, low_open=True), default=None,
+                   help="fraction of MURA's valid (test) studies (default: --scale; 1.0 = all 1,199)")
     p.add_argument("--size", type=int, default=256, help="long side of the images in px (default 256)")
     p.add_argument("--difficulty", type=float, default=0.5, help="0 = obvious findings, 1 = subtle (default 0.5)")
     p.add_argument("--seed", type=int, default=0)

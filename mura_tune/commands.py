@@ -18,7 +18,7 @@ def dispatch(args) -> int:
 def data_synth(args) -> int:
     from mura_tune.data.synth import synthesize
 
-    root = synthesize(args.out, scale=args.scale, size=args.size, difficulty=args.difficulty, seed=args.seed,
+    root = synthesize(args.out, scale=args.scale, valid_scale=args.valid_scale, size=args.size, difficulty=args.difficulty, seed=args.seed,
                       index=args.index, workers=args.workers)
     paths_written(root)
     return 0

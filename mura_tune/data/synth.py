@@ -12,7 +12,9 @@ unchanged::
 
 Without ``index`` the structure is drawn to match MURA's statistics at ``scale`` times its
 size (per-part study and image abnormal rates, views per study, patients with several studies
-and body parts). With ``index`` (a folder holding the four official CSVs) the exact paths
+and body parts); ``valid_scale`` sets the official ``valid`` split's fraction on its own (e.g.
+1.0: all 1,199 of MURA's valid studies as a test set that can resolve small differences,
+beside a train set small enough for a CPU). With ``index`` (a folder holding the four official CSVs) the exact paths
 and labels of that index are reproduced, one image per listed path.
 
 Output is byte-identical for the same arguments, whatever ``workers`` is.
@@ -118,6 +120,7 @@ def synthesize(
     out: str | Path,
     *,
     scale: float = 0.02,
+    valid_scale: float | None = None,
     size: int = 256,
     difficulty: float = 0.5,
     seed: int = 0,
@@ -130,6 +133,7 @@ def synthesize(
     Args:
         out: Output folder; ``OUT/MURA-v1.1`` must not exist or be empty.
         scale: Fraction of MURA's studies to draw, in (0, 1] (ignored with ``index``).
+        valid_scale: Fraction of MURA's ``valid`` studies to draw, in (0, 1]; default ``scale``.
         size: Long side of every image in pixels, 16..2048.
         difficulty: 0 (large, high-contrast findings) .. 1 (small, faint findings).
         seed: Non-negative seed; the same arguments give byte-identical output.
@@ -145,6 +149,8 @@ def synthesize(
         DataError: The index is missing or malformed, or the output already exists.
     """
     _check_args(scale, size, difficulty, seed, workers)
+    if valid_scale is not None and (not isinstance(valid_scale, numbers.Real) or not 0 < valid_scale <= 1):
+        raise ConfigError(f"--valid-scale must be in (0, 1], got {valid_scale}")
     out = Path(out)
     root = out / ROOT_NAME
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
@@ -155,7 +161,7 @@ def synthesize(
     if index is not None:
         studies, image_lines, study_lines = _read_index(Path(index))
     else:
-        studies = _draw_structure(scale, seed)
+        studies = _draw_structure(scale, seed, valid_scale)
         image_lines, study_lines = _layout_lines(studies)
     _assign_truth(studies, seed, difficulty)
     jobs = _jobs(studies, image_lines)
@@ -187,6 +193,7 @@ def synthesize(
         jobs,
         results,
         scale=scale,
+        valid_scale=valid_scale,
         size=size,
         difficulty=difficulty,
         seed=seed,
@@ -271,15 +278,16 @@ def _spread_views(rng: np.random.Generator, n: int, total: int) -> list[int]:
     return [int(v) for v in views]
 
 
-def _draw_structure(scale: float, seed: int) -> list[_Study]:
-    """Studies, patients and view counts matching MURA's statistics at ``scale``."""
+def _draw_structure(scale: float, seed: int, valid_scale: float | None = None) -> list[_Study]:
+    """Studies, patients and view counts matching MURA's statistics at ``scale`` (``valid_scale`` for valid)."""
     rng = np.random.default_rng([seed, _TAG_STRUCTURE, 0])
     out: list[_Study] = []
     next_patient = 1
     for split in SOURCE_SPLITS:
         studies: list[_Study] = []
         for part in BODY_PARTS:
-            n, a, i_n, i_a = _allocate(split, part, scale)
+            fraction = valid_scale if split == "valid" and valid_scale is not None else scale
+            n, a, i_n, i_a = _allocate(split, part, fraction)
             for label, count, imgs in ((0, n, i_n), (1, a, i_a)):
                 for v in _spread_views(rng, count, imgs):
                     studies.append(_Study(split, part, 0, label, n_views=v))
@@ -505,6 +513,7 @@ def _write_sidecars(out: Path, studies, jobs, results, **args) -> None:
         "args": {
             **args,
             "scale": None if args["index"] is not None else args["scale"],
+            "valid_scale": None if args["index"] is not None else args["valid_scale"],
             "index": None if args["index"] is None else str(args["index"]),
         },
         "label_noise": LABEL_NOISE,
