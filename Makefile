@@ -7,7 +7,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-fast bench bench-full lint clean install
+.PHONY: demo test test-fast bench bench-full gpu-check lint clean install
 
 install: $(STAMP)
 
@@ -38,6 +38,10 @@ bench: $(STAMP)
 
 bench-full: $(STAMP)
 	$(BIN)/python -m benchmarks.run --full
+
+## On a CUDA machine: training, pretraining and a packed search really use the GPU (<= 5 min; else "skipped: no CUDA").
+gpu-check: $(STAMP)
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} $(BIN)/python -m benchmarks.gpu_check --out benchmarks/gpu_check.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -2,7 +2,7 @@
 
 On the embedded synthetic data, fine-tune DenseNet-121 with only its last block (and the head)
 trainable, at equal epochs (lr 1e-4 as in the MURA paper), from (a) body-part-pretrained weights
-built exactly as ``pretrained: auto`` builds them offline and (b) random weights
+built exactly as ``pretrained: bodypart`` builds them and (b) random weights
 (``pretrained: none``), for a few seeds; report each run's best-epoch val study kappa and the
 paired body-part minus random difference per seed and averaged over seeds, with bootstrap
 intervals over val studies (test is never looked at here). Body-part pretraining gives a clearly
@@ -50,9 +50,9 @@ def run(
         epochs: fine-tuning epochs of every run (equal in both arms).
         image_size: input side for pretraining and fine-tuning.
         unfreeze_blocks: trainable last blocks of the backbone during fine-tuning.
-        pretrain_epochs: body-part pretraining epochs (default: what ``pretrained: auto`` uses).
+        pretrain_epochs: body-part pretraining epochs (default: what ``pretrained: bodypart`` uses).
         weights: body-part weights to fine-tune from (default: build or reuse exactly the file
-            ``pretrained: auto`` uses offline, with ``pretrain_epochs``).
+            ``pretrained: bodypart`` builds, with ``pretrain_epochs``).
         lr: fine-tuning learning rate.
         threads: torch CPU threads per run (1 is fastest on a shared 2-core machine).
         out: folder for the runs' outputs.
@@ -65,7 +65,7 @@ def run(
     from mura_tune.config import TrainConfig
     from mura_tune.data.mura import read_dataset
     from mura_tune.data.split import assign_split
-    from mura_tune.pretrain import AUTO_EPOCHS, ensure_bodypart_weights, pretrain_bodypart
+    from mura_tune.pretrain import BODYPART_EPOCHS, ensure_bodypart_weights, pretrain_bodypart
     from mura_tune.train import run_training
 
     os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -74,13 +74,13 @@ def run(
     t0 = time.time()
     if weights is not None:
         weights = Path(weights)
-    elif pretrain_epochs in (None, AUTO_EPOCHS):  # exactly what `pretrained: auto` uses offline
-        weights = ensure_bodypart_weights(MODEL, data=None, image_size=image_size, split_seed=0)
+    elif pretrain_epochs in (None, BODYPART_EPOCHS):  # exactly what `pretrained: bodypart` builds
+        weights = ensure_bodypart_weights(MODEL, table, image_size=image_size, split_info={"seed": 0, "val_fraction": 0.2})
     else:
         weights = out / f"{MODEL}-bodypart-e{pretrain_epochs}-{image_size}px.safetensors"
         if not weights.with_suffix(".json").exists():
             pretrain_bodypart(
-                MODEL, out=weights, epochs=pretrain_epochs, image_size=image_size, threads=threads
+                MODEL, out=weights, epochs=pretrain_epochs, image_size=image_size, threads=threads, split_table=table
             )
     info = json.loads(weights.with_suffix(".json").read_text())
     result = {

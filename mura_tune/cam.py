@@ -7,6 +7,8 @@ Grad-CAM (Selvaraju et al. 2017) weights the channels of the last feature map
 (``MuraNet.forward_features``) by the mean gradient of the abnormal logit, keeps the positive
 part and scales it to [0, 1]. It works for the custom CNN and every timm backbone alike.
 The overlay is drawn on the radiograph letterboxed at its own resolution (not the model's).
+Inputs are prepared and the model is run through :class:`mura_tune.engine.Engine`, as in training
+(``cam_command`` runs on CUDA when present).
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from mura_tune.augment import Normalize, to_unit
 from mura_tune.config import TrainConfig
 from mura_tune.data.images import ImageReadError, letterbox, load_gray, preprocess
+from mura_tune.engine import Engine
 from mura_tune.errors import ConfigError, DataError
 from mura_tune.models import MuraNet
 
@@ -70,10 +72,11 @@ def _read_gray(path: str | Path) -> np.ndarray:
         raise DataError(f"cannot read image {path}: {exc}") from None
 
 
-def model_input(path: str | Path, config: TrainConfig) -> torch.Tensor:
+def model_input(path: str | Path, config: TrainConfig, engine: Engine | None = None) -> torch.Tensor:
     """The exact network input for one image: ``(1, 3, S, S)`` (letterboxed, ImageNet-normalised).
 
-    Uses :func:`mura_tune.data.images.preprocess`, the same preparation as training.
+    Uses :func:`mura_tune.data.images.preprocess` and :meth:`Engine.inputs`, the same
+    preparation as training (on ``engine``'s device; default the CPU).
 
     Raises:
         DataError: the image cannot be read.
@@ -82,15 +85,13 @@ def model_input(path: str | Path, config: TrainConfig) -> torch.Tensor:
         pixels = preprocess(path, config.image_size)
     except ImageReadError as exc:
         raise DataError(f"cannot read image {path}: {exc}") from None
-    return Normalize()(to_unit(torch.from_numpy(np.array(pixels)).unsqueeze(0)))
+    return (engine or Engine("cpu")).inputs(torch.from_numpy(np.array(pixels)).unsqueeze(0))
 
 
-def probability(net: MuraNet, x: torch.Tensor, tta_flip: bool = False) -> float:
+def probability(net: MuraNet, x: torch.Tensor, tta_flip: bool = False, engine: Engine | None = None) -> float:
     """The model's abnormal probability for one input (with flip TTA if the run used it)."""
     with torch.inference_mode():
-        logit = net(x).float()
-        if tta_flip:
-            logit = (logit + net(torch.flip(x, dims=[3])).float()) / 2
+        logit = (engine or Engine(x.device)).logits(net, x, tta_flip)
     return float(torch.sigmoid(logit)[0])
 
 
@@ -110,17 +111,19 @@ def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = ALPHA) -> np.ndarr
     return (np.clip(blended, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
-def cam_image(net: MuraNet, config: TrainConfig, path: str | Path) -> tuple[np.ndarray, float]:
+def cam_image(
+    net: MuraNet, config: TrainConfig, path: str | Path, engine: Engine | None = None
+) -> tuple[np.ndarray, float]:
     """Overlay of one radiograph at its own letterboxed resolution, and its abnormal probability.
 
     Raises:
         DataError: the image cannot be read.
     """
-    x = model_input(path, config)
+    x = model_input(path, config, engine)
     cam = grad_cam(net, x[0])
     gray = _read_gray(path)
     native = letterbox(gray, max(gray.shape))  # the model's framing, at the image's own resolution
-    return overlay(native, cam), probability(net, x, config.tta_flip)
+    return overlay(native, cam), probability(net, x, config.tta_flip, engine)
 
 
 def save_overlay(image: np.ndarray, prob: float, path: str | Path) -> Path:
@@ -192,9 +195,11 @@ def cam_command(
             raise ConfigError(f"--out must be a folder with --study, got {dest_dir}")
         jobs = [(view, dest_dir / f"{view.stem}.png") for view in views]
     net, config = load_checkpoint(checkpoint)
+    engine = Engine("auto")
+    net = engine.model(net)
     written, probs = [], []
     for src, dest in jobs:
-        picture, prob = cam_image(net, config, src)
+        picture, prob = cam_image(net, config, src, engine)
         written.append(save_overlay(picture, prob, dest))
         probs.append(prob)
         print(f"{src}: p(abnormal) = {prob:.3f}")

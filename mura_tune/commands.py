@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -88,16 +89,22 @@ def train(args) -> int:
     out = Path(args.out or f"results/train-{time.strftime('%Y%m%d-%H%M%S')}")
     if split_path is not None:
         table = load_split(split_path)
+        split_info = {"path": str(split_path)}
     else:
         table = assign_split(read_dataset(args.data).table)
         write_split(table, out / "split.parquet")
-    if config.pretrained == "auto":
-        from mura_tune.weights import resolve_auto
+        split_info = {"seed": 0, "val_fraction": 0.2, "path": str(out / "split.parquet")}
+    from mura_tune.weights import check_weights_split, resolve_pretrained
 
-        config = config.updated({"pretrained": resolve_auto(config.model, data=args.data, image_size=config.image_size)})
+    pretrained, weights_source = resolve_pretrained(config.model, config.pretrained, table, config.image_size,
+                                                    split_info=split_info)
+    config = config.updated({"pretrained": pretrained}) if pretrained != config.pretrained else config
+    notice = check_weights_split(config.pretrained, table)  # refused here, before any training
+    if notice:
+        print(notice, file=sys.stderr)
     from mura_tune.train import run_training
 
-    summary = run_training(config, table, out, strict=args.strict)
+    summary = run_training(config, table, out, strict=args.strict, weights_source=weights_source)
     val, test = summary["val"], summary["test"]
     print(f"best epoch {summary['best_epoch']}: val_kappa_study {val.get('val_kappa_study', float('nan')):.3f}, "
           f"val_auc {val.get('val_auc', float('nan')):.3f} | test_kappa_study {test.get('test_kappa_study', float('nan')):.3f} "
@@ -109,11 +116,19 @@ def train(args) -> int:
 def pretrain(args) -> int:
     from mura_tune.pretrain import pretrain_bodypart
 
+    split_table = split_info = None
+    if args.split:
+        from mura_tune.data.split import load_split
+
+        split_table, split_info = load_split(args.split), {"path": str(Path(args.split).resolve())}
     out, info = pretrain_bodypart(args.backbone, data=args.data, out=args.out, epochs=args.epochs,
-                                  image_size=args.image_size, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+                                  image_size=args.image_size, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                  val_fraction=args.val_fraction, split_table=split_table, split_info=split_info,
+                                  device=args.device)
     print(f"body-part accuracy {info['holdout_accuracy']:.3f} on {info['holdout']['images']} held-out train-split images "
-          f"(last epoch's augmented train accuracy {info['train_accuracy']:.3f})")
-    paths_written(out, Path(out).with_suffix(".json"))
+          f"(last epoch's augmented train accuracy {info['train_accuracy']:.3f}); trained on {info['images']['count']} "
+          f"images, listed in {info['images']['file']}")
+    paths_written(out, Path(out).with_name(info["images"]["file"]), Path(out).with_suffix(".json"))
     return 0
 
 

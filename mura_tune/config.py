@@ -40,7 +40,7 @@ class TrainConfig:
     dropout: float = 0.2  # dropout before the final logit
     head_widths: list[int] = field(default_factory=list)  # hidden widths of an MLP head (e.g. [512, 512])
     head_dropout: float = 0.0  # dropout after each hidden head layer
-    pretrained: str = "none"  # none | imagenet | auto | path/to/weights.safetensors|.pth
+    pretrained: str = "none"  # none | imagenet | auto (ImageNet if available, else none) | bodypart | path/to/weights.safetensors|.pth
     unfreeze_blocks: int | str = "all"  # backbone: train only the last K blocks (0 = head only) or "all"
     # --- data ----------------------------------------------------------------------------
     image_size: int = 64  # side of the letterboxed square input (the MURA paper used 320)

@@ -42,6 +42,8 @@ from mura_tune.io import write_parquet, write_text
 if TYPE_CHECKING:  # torch is imported where a model runs: a bad flag or folder fails in a second
     import torch
 
+    from mura_tune.engine import Engine
+
 GENERALIST = "generalist"
 UNKNOWN_PART = "unknown"
 ROOT_NAME = "MURA-v1.1"
@@ -116,7 +118,7 @@ def load_members(
     routes: dict[str, list[tuple[str, str, float]]],
     manifest: dict,
     where: Path,
-    device: torch.device,
+    engine: Engine,
 ) -> tuple[dict[Path, Member], dict[str, list[tuple[Path, float]]]]:
     """Load every checkpoint the routes use, once each (``weights_only=True``).
 
@@ -134,7 +136,7 @@ def load_members(
             if path not in members:
                 net, config = load_checkpoint(path)
                 members[path] = Member(
-                    trial_id, path, net.to(device).eval(), config.image_size, config.tta_flip
+                    trial_id, path, engine.model(net).eval(), config.image_size, config.tta_flip
                 )
             members[path].routes.add(key)
             keyed[key].append((path, weight))
@@ -217,31 +219,29 @@ def image_probabilities(
     table: pd.DataFrame,
     members: dict[Path, Member],
     route: np.ndarray,
-    device: torch.device,
+    engine: Engine,
     batch_size: int = BATCH_SIZE,
     progress: bool = True,
 ) -> tuple[dict[Path, np.ndarray], list[tuple[str, str]]]:
     """Each member's probability for the images it serves (nan elsewhere) and the unreadable images.
 
-    Images are decoded once, letterboxed once per member input size, and run in batches.
+    Images are decoded once, letterboxed once per member input size, and run in batches through
+    ``engine`` (the training core: the same input preparation, AMP and layout on CUDA).
     """
     import torch
 
     with torch.inference_mode():
-        return _image_probabilities(table, members, route, device, batch_size, progress)
+        return _image_probabilities(table, members, route, engine, batch_size, progress)
 
 
-def _image_probabilities(table, members, route, device, batch_size, progress):
+def _image_probabilities(table, members, route, engine, batch_size, progress):
     import torch
-
-    from mura_tune.augment import Normalize, to_unit
 
     n = len(table)
     probs = {path: np.full(n, np.nan, dtype=np.float32) for path in members}
     by_size: dict[int, list[Member]] = {}
     for m in members.values():
         by_size.setdefault(m.image_size, []).append(m)
-    normalize = Normalize().to(device)
     skipped: list[tuple[str, str]] = []
     paths = table["image_path"].tolist()
     bar = tqdm(
@@ -264,16 +264,12 @@ def _image_probabilities(table, members, route, device, batch_size, progress):
             continue
         idx_arr = np.asarray(idx)
         for size, group in by_size.items():
-            batch = torch.from_numpy(np.stack([letterbox(g, size) for g in grays]))
-            x = normalize(to_unit(batch.to(device)))
+            x = engine.inputs(torch.from_numpy(np.stack([letterbox(g, size) for g in grays])))
             for m in group:
                 use = np.isin(route[idx_arr], list(m.routes))
                 if not use.any():
                     continue
-                xs = x[torch.from_numpy(use).to(device)]
-                logits = m.net(xs).float()
-                if m.tta_flip:
-                    logits = (logits + m.net(torch.flip(xs, dims=[3])).float()) / 2
+                logits = engine.logits(m.net, x[engine.to_device(torch.from_numpy(use))], m.tta_flip)
                 probs[m.checkpoint][idx_arr[use]] = torch.sigmoid(logits).cpu().numpy()
     bar.close()
     return probs, skipped
@@ -354,24 +350,22 @@ def predict_with_ensemble(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     manifest, manifest_path = read_ensemble_manifest(ensemble_dir)
-    import torch
+    from mura_tune.engine import Engine
 
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else device.replace("auto", "cpu")
-    )
+    engine = Engine(device)
     routes = ensemble_routes(manifest)
-    members, keyed = load_members(routes, manifest, manifest_path, dev)
+    members, keyed = load_members(routes, manifest, manifest_path, engine)
     table, root = read_images(data)
     route = _route_of(table["body_part"], routes)
     sizes = sorted({m.image_size for m in members.values()})
     served = ", ".join(f"{k}: {len(v)} model(s)" for k, v in routes.items())
     print(
         f"ensemble {manifest.get('name', Path(ensemble_dir).name)}: {len(members)} checkpoint(s) "
-        f"at {sizes} px on {dev}; {served}"
+        f"at {sizes} px on {engine.device}; {served}"
     )
     print(f"predicting {len(table)} images in {table['study_id'].nunique()} studies from {data}")
 
-    probs, skipped = image_probabilities(table, members, route, dev, batch_size, progress)
+    probs, skipped = image_probabilities(table, members, route, engine, batch_size, progress)
     ok = ~table["image_path"].isin({p for p, _ in skipped}).to_numpy()
     if not ok.any():
         raise DataError(

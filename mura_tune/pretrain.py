@@ -3,21 +3,28 @@
 Every radiograph carries a free label, its body part (7 classes in MURA). A backbone trained to
 tell them apart learns radiograph edges and bone shapes. On the embedded synthetic data that ranks
 val studies a little better than frozen random blocks but does not clearly raise kappa (README,
-benchmarks/pretrain_vs_random.py): it need not keep small findings.
-Only the ``train`` split is used: the split is the experiments' own patient-disjoint one
-(:func:`mura_tune.data.split.assign_split` with the same fraction and seed), the decoded cache is
-built from train paths only, and val/test images are never opened. A slice of the train
-patients (``HOLDOUT_FRACTION``) is held out to report an honest body-part accuracy.
+benchmarks/pretrain_vs_random.py): it need not keep small findings. It is therefore opt-in:
+``pretrained: bodypart`` (or a file written by ``mura-tune pretrain``), never ``auto``.
 
-    mura-tune pretrain --backbone densenet121 --epochs 2 --out weights/densenet121-bodypart.safetensors
+Only the ``train`` split is used: the experiment's own split table when it is given
+(``pretrained: bodypart`` in a search or ``mura-tune train``), else the split
+:func:`mura_tune.data.split.assign_split` makes with ``--val-fraction`` and ``--seed`` (match the
+search's); the decoded cache is built from train paths only, and val/test images are never
+opened. A slice of the train patients (``HOLDOUT_FRACTION``) is held out to report an honest
+body-part accuracy. Training runs through :class:`mura_tune.engine.Engine` (CUDA when present).
+
+    mura-tune pretrain --backbone densenet121 --epochs 2 --seed 3 --out weights/densenet121-bodypart.safetensors
     mura-tune train --set model=densenet121 --set unfreeze_blocks=1 \\
         --set pretrained=weights/densenet121-bodypart.safetensors
 
 Writes the backbone's state dict (keys as ``timm.create_model(name, num_classes=0)``; the 7-way
-head is dropped) atomically to ``--out`` (``.safetensors`` or ``.pth``) and a description beside it
-(same stem, ``.json``): backbone, task, classes, data hash, split, epochs, accuracy, timing.
-``pretrained: auto`` builds such weights once per (backbone, train set, size) into
-``$MURA_TUNE_HOME/weights`` (:func:`ensure_bodypart_weights`).
+head is dropped) atomically to ``--out`` (``.safetensors`` or ``.pth``), beside it
+``<stem>.images.parquet`` (the resolved paths of the exact images it was trained on) and, last,
+``<stem>.json``: backbone, task, classes, the image list's sha256 and count, the split it came
+from, epochs, accuracy, device, timing. Loading such weights into a run checks that none of the
+run's val or test images is in that list (:func:`mura_tune.weights.check_weights_split`).
+``pretrained: bodypart`` builds such weights once per (backbone, exact train image list, size)
+into ``$MURA_TUNE_HOME/weights`` (:func:`ensure_bodypart_weights`).
 """
 
 from __future__ import annotations
@@ -37,23 +44,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mura_tune.augment import Normalize, augment, to_unit
 from mura_tune.config import CUSTOM_CNN, MODELS, TrainConfig
 from mura_tune.data.cache import ImageCache, build_cache
 from mura_tune.data.loader import SplitData, batch_loader
+from mura_tune.engine import Engine
 from mura_tune.errors import ConfigError, DataError
 from mura_tune.home import weights_dir
-from mura_tune.io import atomic_path, write_json
+from mura_tune.io import atomic_path, write_json, write_parquet
+from mura_tune.weights import WEIGHT_SUFFIXES, image_list_digest, images_file, resolved_paths
 
 TASK = "body_part"
-WEIGHT_SUFFIXES = (".safetensors", ".pth")
 #: Fraction of train *patients* held out of pretraining to measure body-part accuracy.
 HOLDOUT_FRACTION = 0.1
-#: ``pretrained: auto`` defaults. On the embedded data at 64 px, densenet121 takes ~1-2 min an
+#: ``pretrained: bodypart`` defaults. On the embedded data at 64 px, densenet121 takes ~1-2 min an
 #: epoch on 2 CPUs; 6 epochs reach 0.947 held-out body-part accuracy (2 epochs: 0.878).
-AUTO_EPOCHS = 6
-AUTO_LR = 1e-3
-AUTO_BATCH_SIZE = 32
+BODYPART_EPOCHS = 6
+BODYPART_LR = 1e-3
+BODYPART_BATCH_SIZE = 32
 AUG_STRENGTH = 0.5
 
 
@@ -107,7 +114,8 @@ def train_table(
 def data_hash(train: pd.DataFrame) -> str:
     """sha256 of the sorted train images (path relative to their common folder, byte size, body part).
 
-    Relative paths keep the hash (and so the cached ``auto`` weights) when the dataset is moved.
+    A fingerprint of the data that survives moving the dataset (recorded in the description);
+    the exact image list, with absolute paths, is what the load-time check compares.
     """
     root = os.path.commonpath(list(train["image_path"])) if len(train) else ""
     digest = hashlib.sha256(f"{TASK}\n".encode())
@@ -140,19 +148,20 @@ def _subset(cache: ImageCache, table: pd.DataFrame, classes: list[str]) -> Split
     )
 
 
-def _accuracy(
-    net: nn.Module, cache: ImageCache, split: SplitData, normalize: nn.Module, batch_size: int
-) -> float:
-    if len(split) == 0:
-        return math.nan
-    net.eval()
-    correct = 0
-    with torch.inference_mode():
-        for images, labels, _, _ in batch_loader(
-            cache, split, batch_size * 2, shuffle=False, seed=0
-        ):
-            correct += int((net(normalize(to_unit(images))).argmax(1) == labels).sum())
-    return correct / len(split)
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, _weights: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, labels)
+
+
+def split_provenance(split_table: pd.DataFrame, **known) -> dict:
+    """What identifies a split: sha256 of its (resolved image path, split) pairs, images per split, and ``known`` facts."""
+    pairs = sorted(zip(resolved_paths(split_table["image_path"]), split_table["split"]))
+    digest = hashlib.sha256("".join(f"{p}|{s}\n" for p, s in pairs).encode()).hexdigest()
+    counts = split_table["split"].value_counts()
+    return {
+        "sha256": digest,
+        "images": {name: int(counts.get(name, 0)) for name in ("train", "val", "test")},
+        **{k: v for k, v in known.items() if v is not None},
+    }
 
 
 def save_backbone(
@@ -174,17 +183,19 @@ def pretrain_bodypart(
     backbone: str = "densenet121",
     data: str | Path | None = None,
     out: str | Path = "weights.safetensors",
-    epochs: int = AUTO_EPOCHS,
+    epochs: int = BODYPART_EPOCHS,
     image_size: int = 64,
-    batch_size: int = AUTO_BATCH_SIZE,
-    lr: float = AUTO_LR,
+    batch_size: int = BODYPART_BATCH_SIZE,
+    lr: float = BODYPART_LR,
     seed: int = 0,
     val_fraction: float = 0.2,
     split_seed: int | None = None,
     split_table: pd.DataFrame | None = None,
+    split_info: dict | None = None,
     threads: int = 0,
     workers: int | None = None,
     cache_root: Path | None = None,
+    device: str = "auto",
     verbose: bool = True,
 ) -> tuple[Path, dict]:
     """Train ``backbone`` as a body-part classifier on the train split; write its backbone weights.
@@ -192,8 +203,8 @@ def pretrain_bodypart(
     Args:
         backbone: ``custom_cnn`` (default cell shape) or a timm backbone of :data:`~mura_tune.config.TIMM_BACKBONES`.
         data: dataset folder or manifest (None: the embedded synthetic set).
-        out: ``.safetensors`` or ``.pth`` file for the backbone state dict; the description goes
-            beside it with the same stem and ``.json``.
+        out: ``.safetensors`` or ``.pth`` file for the backbone state dict; the image list and
+            the description go beside it (``<stem>.images.parquet``, ``<stem>.json``).
         epochs: passes over the (train minus held-out) images.
         image_size: side of the square input; use the size you will fine-tune at.
         batch_size: images per step.
@@ -203,14 +214,18 @@ def pretrain_bodypart(
         split_seed: seed of that split (default: ``seed``); match the experiment's ``--seed``.
         split_table: an experiment's split manifest to take the ``train`` rows from instead
             (``val_fraction``/``split_seed`` are then unused).
+        split_info: what is known of how ``split_table`` was made (seed, val_fraction, path),
+            recorded in the description.
         threads: CPU threads for torch (0: ``OMP_NUM_THREADS`` or all cores).
         workers: image-decoding processes for the cache (default: all cores).
         cache_root: where the decoded cache lives (default ``$MURA_TUNE_HOME/cache``).
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``.
         verbose: print progress to stderr.
 
     Returns:
         ``(out, info)``; ``info`` is also written to the ``.json`` beside ``out`` and holds
-        ``holdout_accuracy`` (held-out train patients), ``train_accuracy`` (last epoch, augmented).
+        ``holdout_accuracy`` (held-out train patients), ``train_accuracy`` (last epoch, augmented),
+        ``images`` (sha256 and count of the image list written beside ``out``) and ``split``.
 
     Raises:
         ConfigError: unknown backbone, bad ``out`` suffix, or invalid epochs/size/batch/lr.
@@ -228,13 +243,20 @@ def pretrain_bodypart(
         seed=seed,
         pretrained="none",
         unfreeze_blocks="all",
+        device=device,
     )
     try:
         config.validate()
     except ConfigError as exc:
         raise ConfigError(f"pretrain: {exc}") from None
     split_seed = seed if split_seed is None else split_seed
-    train = train_table(data, val_fraction, split_seed, split_table)
+    if split_table is None:
+        from mura_tune.data.mura import read_dataset
+        from mura_tune.data.split import assign_split
+
+        split_table = assign_split(read_dataset(data).table, val_fraction, split_seed)
+        split_info = {"val_fraction": val_fraction, "seed": split_seed, **(split_info or {})}
+    train = train_table(split_table=split_table)
     classes = sorted(train["body_part"].astype(str).unique())
     if len(classes) < 2:
         raise DataError(
@@ -250,58 +272,55 @@ def pretrain_bodypart(
     )
     held = holdout_mask(usable, HOLDOUT_FRACTION, seed)
     fit, holdout = _subset(cache, usable[~held], classes), _subset(cache, usable[held], classes)
+    trained_on = sorted(resolved_paths(fit.table["image_path"]))
 
     torch.manual_seed(seed)
-    torch.set_num_threads(
-        threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1
-    )
+    engine = Engine(device)
+    engine.set_threads(threads)
     from mura_tune.models import build_model
 
     body = build_model(config).backbone
-    net = BodyPartNet(body, body.num_features, len(classes))
-    normalize = Normalize()
+    net = engine.model(BodyPartNet(body, body.num_features, len(classes)))
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     steps = epochs * math.ceil(len(fit) / batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
+    scaler = engine.grad_scaler()
     generator = torch.Generator().manual_seed(seed)
     if verbose:
         print(
-            f"mura-tune: pretraining {backbone} on body parts ({len(classes)} classes) at {image_size}px: "
-            f"{len(fit)} train-split images, {len(holdout)} held out (val/test never read)",
+            f"mura-tune: pretraining {backbone} on body parts ({len(classes)} classes) at {image_size}px on "
+            f"{engine.device}: {len(fit)} train-split images, {len(holdout)} held out (val/test never read)",
             file=sys.stderr,
         )
     train_acc = math.nan
     for epoch in range(epochs):
         t0 = time.time()
-        net.train()
-        loss_sum, correct, seen = 0.0, 0, 0
-        for images, labels, _, _ in batch_loader(
-            cache, fit, batch_size, shuffle=True, seed=seed * 1000 + epoch
-        ):
-            logits = net(normalize(augment(to_unit(images), AUG_STRENGTH, generator)))
-            loss = F.cross_entropy(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            loss_sum += float(loss.detach()) * len(labels)
-            correct += int((logits.argmax(1) == labels).sum())
-            seen += len(labels)
-        train_acc = correct / max(seen, 1)
-        if not math.isfinite(loss_sum):
+        counts = {"correct": 0, "seen": 0}
+
+        def on_step(logits: torch.Tensor, labels: torch.Tensor, _loss: torch.Tensor) -> None:
+            schedule.step()  # the cosine schedule is per step
+            counts["correct"] += int((logits.argmax(1) == labels).sum())
+            counts["seen"] += len(labels)
+
+        batches = batch_loader(cache, fit, batch_size, shuffle=True, seed=seed * 1000 + epoch, pin_memory=engine.cuda)
+        loss = engine.train_epoch(
+            net, batches, _cross_entropy, optimizer, scaler, AUG_STRENGTH, generator, on_step=on_step
+        )
+        train_acc = counts["correct"] / max(counts["seen"], 1)
+        if not math.isfinite(loss):
             raise ConfigError(
-                f"body-part pretraining diverged at epoch {epoch + 1} (loss {loss_sum}); lower --lr"
+                f"body-part pretraining diverged at epoch {epoch + 1} (loss {loss}); lower --lr"
             )
         if verbose:
             print(
-                f"pretrain epoch {epoch + 1}/{epochs}  loss {loss_sum / max(seen, 1):.4f}  train_acc {train_acc:.3f}  "
+                f"pretrain epoch {epoch + 1}/{epochs}  loss {loss:.4f}  train_acc {train_acc:.3f}  "
                 f"({time.time() - t0:.1f}s)",
                 file=sys.stderr,
                 flush=True,
             )
-    holdout_acc = _accuracy(net, cache, holdout, normalize, batch_size)
+    holdout_acc = _accuracy(engine, net, cache, holdout, batch_size)
 
     info = {
         "backbone": backbone,
@@ -311,9 +330,8 @@ def pretrain_bodypart(
         "data_hash": data_hash(train),
         "cache_key": cache.path.name,
         "splits": ["train"],
-        "split": {"val_fraction": val_fraction, "seed": split_seed}
-        if split_table is None
-        else "given split table",
+        "split": split_provenance(split_table, **(split_info or {})),
+        "images": {"file": images_file(out).name, "sha256": image_list_digest(trained_on), "count": len(trained_on)},
         "holdout": {"fraction_of_train_patients": HOLDOUT_FRACTION, "images": len(holdout)},
         "n_images": len(fit),
         "epochs": epochs,
@@ -321,6 +339,7 @@ def pretrain_bodypart(
         "batch_size": batch_size,
         "lr": lr,
         "seed": seed,
+        "device": str(engine.device),
         "holdout_accuracy": holdout_acc,
         "train_accuracy": train_acc,
         "architecture": {
@@ -332,12 +351,13 @@ def pretrain_bodypart(
         "seconds": round(time.time() - started, 1),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    write_parquet(images_file(out), pd.DataFrame({"image_path": trained_on}))
     save_backbone(
         net.backbone.state_dict(),
         out,
-        metadata={"backbone": backbone, "task": TASK, "data_hash": info["data_hash"]},
+        metadata={"backbone": backbone, "task": TASK, "images_sha256": info["images"]["sha256"]},
     )
-    write_json(out.with_suffix(".json"), info)
+    write_json(out.with_suffix(".json"), info)  # last: weights without it are never picked up
     if verbose:
         print(
             f"mura-tune: body-part accuracy {holdout_acc:.3f} on {len(holdout)} held-out train-split images; "
@@ -347,45 +367,53 @@ def pretrain_bodypart(
     return out, info
 
 
-def bodypart_weights_path(model: str, digest: str, image_size: int, epochs: int = AUTO_EPOCHS) -> Path:
-    """``$MURA_TUNE_HOME/weights/<model>-bodypart-<datahash>-<size>px-<recipe>.safetensors``.
+def _accuracy(engine: Engine, net: nn.Module, cache: ImageCache, split: SplitData, batch_size: int) -> float:
+    if len(split) == 0:
+        return math.nan
+    batches = batch_loader(cache, split, batch_size * 2, shuffle=False, seed=0)
+    logits = engine.predict(net, batches, len(split), activation=lambda x: x)
+    return float((logits.argmax(1) == split.labels.numpy()).mean())
+
+
+def bodypart_weights_path(model: str, digest: str, image_size: int, epochs: int | None = None) -> Path:
+    """``$MURA_TUNE_HOME/weights/<model>-bodypart-<train list digest>-<size>px-<recipe>.safetensors``.
 
     ``<recipe>`` hashes how the weights are trained (epochs, lr, batch, augmentation), so weights
     built by another recipe (an older mura-tune, other ``epochs``) are never picked up.
     """
-    recipe = f"{TASK}|{epochs}|{AUTO_LR}|{AUTO_BATCH_SIZE}|{AUG_STRENGTH}"
+    epochs = BODYPART_EPOCHS if epochs is None else epochs
+    recipe = f"{TASK}|{epochs}|{BODYPART_LR}|{BODYPART_BATCH_SIZE}|{AUG_STRENGTH}"
     tag = hashlib.sha256(recipe.encode()).hexdigest()[:8]
     return weights_dir() / f"{model}-bodypart-{digest[:16]}-{image_size}px-{tag}.safetensors"
 
 
 def ensure_bodypart_weights(
     model: str,
-    data: str | Path | None = None,
+    split_table: pd.DataFrame,
     image_size: int = 64,
     verbose: bool = True,
-    val_fraction: float = 0.2,
-    split_seed: int = 0,
-    split_table: pd.DataFrame | None = None,
-    epochs: int = AUTO_EPOCHS,
+    epochs: int | None = None,
+    split_info: dict | None = None,
 ) -> Path:
-    """Body-part-pretrained weights for ``model`` on ``data``'s train split, built once (safe across processes).
+    """Body-part-pretrained weights for ``model`` on ``split_table``'s train rows, built once (safe across processes).
 
     Args:
         model: backbone name.
-        data: dataset folder or manifest (None: the embedded synthetic set).
+        split_table: the run's split manifest: only its ``train`` rows are read, and the weights
+            are keyed on that exact image list (another split is other weights).
         image_size: input side the weights are trained at (the experiment's ``image_size``).
         verbose: print what happens to stderr.
-        val_fraction: the experiment's ``--val-fraction`` (only its train split is used).
-        split_seed: the experiment's ``--seed``.
-        split_table: the experiment's split manifest (overrides ``val_fraction``/``split_seed``).
-        epochs: pretraining epochs when the weights have to be built.
+        epochs: pretraining epochs when the weights have to be built (default :data:`BODYPART_EPOCHS`).
+        split_info: how the split was made (seed, val_fraction, path), for the description.
 
     Returns:
-        The ``.safetensors`` path (its ``.json`` description beside it).
+        The ``.safetensors`` path (its image list and ``.json`` description beside it).
     """
     check_backbone(model)
+    epochs = BODYPART_EPOCHS if epochs is None else epochs
+    train = train_table(split_table=split_table)
     path = bodypart_weights_path(
-        model, data_hash(train_table(data, val_fraction, split_seed, split_table)), image_size, epochs
+        model, image_list_digest(resolved_paths(train["image_path"])), image_size, epochs
     )
     done = path.with_suffix(".json")
     if path.exists() and done.exists():
@@ -401,14 +429,12 @@ def ensure_bodypart_weights(
                 )
             pretrain_bodypart(
                 model,
-                data=data,
                 out=path,
                 epochs=epochs,
                 image_size=image_size,
-                seed=split_seed,
-                val_fraction=val_fraction,
-                split_seed=split_seed,
+                seed=0,  # the weights are a function of the train list (and the recipe) alone
                 split_table=split_table,
+                split_info=split_info,
                 verbose=verbose,
             )
     return path

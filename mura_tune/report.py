@@ -609,6 +609,7 @@ def _routing(ctx: _Ctx) -> str:
 
 def _cams(ctx: _Ctx) -> str:
     from mura_tune.cam import cam_image, save_overlay
+    from mura_tune.engine import Engine
     from mura_tune.train import load_checkpoint
 
     if (
@@ -618,6 +619,8 @@ def _cams(ctx: _Ctx) -> str:
     ):
         return _note("no checkpoint of the best single model")
     net, config = load_checkpoint(ctx.best["checkpoint_path"])
+    engine = Engine("auto")
+    net = engine.model(net)
     images = pd.read_parquet(ctx.best["predictions_path"], filters=[("split", "==", "test")])
     studies = _test_studies(ctx.best["predictions_path"])
     studies["correct"] = (studies["prob"] > 0.5).astype(int) == studies["label"]
@@ -633,7 +636,7 @@ def _cams(ctx: _Ctx) -> str:
         for j, view in enumerate(views, 1):
             if not Path(view).is_file():
                 continue
-            picture, prob = cam_image(net, config, view)
+            picture, prob = cam_image(net, config, view, engine)
             path = save_overlay(picture, prob, ctx.out / f"cam_{k}_{j}.png")
             ctx.written.append(path)
             verdict = "right" if study["correct"] else "wrong"

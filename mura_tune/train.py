@@ -13,11 +13,9 @@ Test metrics are stored but never used to choose anything.
 from __future__ import annotations
 
 import math
-import os
 import pickle
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,16 +24,16 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from mura_tune.augment import Normalize, augment, to_unit
 from mura_tune.config import TrainConfig
 from mura_tune.constants import METRIC
 from mura_tune.data.cache import ImageCache, build_cache
 from mura_tune.data.loader import SplitData, batch_loader
+from mura_tune.engine import Engine
 from mura_tune.errors import DataError
 from mura_tune.io import atomic_path, write_json, write_parquet
 from mura_tune.metrics import split_metrics
 from mura_tune.models import MuraNet, build_model, count_parameters
-from mura_tune.weights import initial_backbone_state
+from mura_tune.weights import check_weights_split, initial_backbone_state
 
 #: Called once per epoch with (metrics, resumable state). Ray's adapter reports from here.
 EpochCallback = Callable[[dict, dict], None]
@@ -54,12 +52,6 @@ class Prepared:
     val: SplitData
     test: SplitData
     skipped: pd.DataFrame  # unreadable images left out
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def class_weights(train_table: pd.DataFrame) -> dict[str, tuple[float, float]]:
@@ -115,22 +107,17 @@ def _maximise(metric: str) -> bool:
     return not metric.endswith("_loss")
 
 
-def predict(net: MuraNet, data: Prepared, split: SplitData, device: torch.device, batch_size: int, tta_flip: bool,
-            normalize: torch.nn.Module) -> np.ndarray:
+def predict(net: MuraNet, data: Prepared, split: SplitData, device: torch.device | Engine, batch_size: int,
+            tta_flip: bool, normalize: torch.nn.Module | None = None) -> np.ndarray:
     """Image probabilities for a split (eval mode, no augmentation, optional flip TTA)."""
-    net.eval()
-    out = np.empty(len(split), dtype=np.float32)
-    amp = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
-    with torch.inference_mode(), amp:
-        for images, _, _, pos in batch_loader(data.cache, split, batch_size * 2, shuffle=False, seed=0):
-            x = normalize(to_unit(images.to(device, non_blocking=True)))
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            logits = net(x).float()
-            if tta_flip:
-                logits = (logits + net(torch.flip(x, dims=[3])).float()) / 2
-            out[pos.numpy()] = torch.sigmoid(logits).cpu().numpy()
-    return out
+    engine = device if isinstance(device, Engine) else Engine(device, normalize)
+    batches = batch_loader(data.cache, split, batch_size * 2, shuffle=False, seed=0)
+    return engine.predict(net, batches, len(split), tta_flip)
+
+
+def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The training loss: binary cross-entropy of the abnormal logit, weighted per image."""
+    return F.binary_cross_entropy_with_logits(logits, labels, weight=weights)
 
 
 def run_training(
@@ -161,15 +148,17 @@ def run_training(
         TrialDiverged: the training loss became NaN/inf (status ``diverged`` is written first).
     """
     config.validate()
+    check_weights_split(config.pretrained, split_table)  # before any work: weights never saw val/test
     started = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config.save(out / "config.yaml")
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
-    device = resolve_device(config.device)
-    if device.type == "cpu":
-        torch.set_num_threads(config.threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1)
+    engine = Engine(config.device)
+    engine.set_threads(config.threads)
+    if engine.cuda:
+        torch.cuda.reset_peak_memory_stats(engine.device)
 
     data = prepare_data(split_table, config, cache_root=cache_root, strict=strict, progress=verbose)
     if len(data.skipped):
@@ -178,16 +167,13 @@ def run_training(
             print(f"skipped {len(data.skipped)} unreadable image(s); list in {out / 'skipped_images.parquet'}")
 
     backbone_state, source = initial_backbone_state(config.model, config.pretrained)
-    net = build_model(config, backbone_state=backbone_state).to(device)
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
+    net = engine.model(build_model(config, backbone_state=backbone_state))
     trainable, total = count_parameters(net)
-    normalize = Normalize().to(device)
     params = [p for p in net.parameters() if p.requires_grad]
     opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(params, lr=config.lr, weight_decay=config.weight_decay)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    scaler = engine.grad_scaler()
     generator = torch.Generator().manual_seed(config.seed)
 
     history: list[dict] = []
@@ -201,38 +187,20 @@ def run_training(
         history, best, start_epoch = resume_state["history"], resume_state["best"], resume_state["epoch"]
     if verbose:
         print(f"{config.model}: {trainable:,} of {total:,} parameters trainable (unfreeze_blocks={config.unfreeze_blocks}); "
-              f"weights: {weights_source or source}; device: {device}; train/val/test images: "
+              f"weights: {weights_source or source}; device: {engine.device}; train/val/test images: "
               f"{len(data.train)}/{len(data.val)}/{len(data.test)}")
     status = STATUS_COMPLETED
-    amp = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
     summary_base = {
         "trainable_params": trainable, "total_params": total, "weights_source": weights_source or source,
-        "device": str(device), "skipped_images": len(data.skipped),
+        "device": str(engine.device), "skipped_images": len(data.skipped),
         "images": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
     }
 
     for epoch in range(start_epoch, config.max_epochs):
         t0 = time.time()
-        net.train()
-        loss_sum, seen = 0.0, 0
-        for images, labels, weights, _ in batch_loader(data.cache, data.train, config.batch_size, shuffle=True,
-                                                       seed=config.seed * 1000 + epoch, num_workers=config.num_workers,
-                                                       pin_memory=device.type == "cuda"):
-            x = to_unit(images.to(device, non_blocking=True))
-            x = normalize(augment(x, config.aug_strength, generator))
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            labels, weights = labels.to(device, non_blocking=True), weights.to(device, non_blocking=True)
-            with amp:
-                logits = net(x).float()
-            loss = F.binary_cross_entropy_with_logits(logits, labels, weight=weights)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.detach() * len(labels)
-            seen += len(labels)
-        train_loss = float(loss_sum) / max(seen, 1)
+        batches = batch_loader(data.cache, data.train, config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch,
+                               num_workers=config.num_workers, pin_memory=engine.cuda)
+        train_loss = engine.train_epoch(net, batches, weighted_bce, optimizer, scaler, config.aug_strength, generator)
         if not math.isfinite(train_loss):
             status = STATUS_DIVERGED
             history.append({"epoch": epoch + 1, "train_loss": train_loss, "status": status})
@@ -241,7 +209,7 @@ def run_training(
                            reason=f"training loss became {train_loss} at epoch {epoch + 1}")
             raise TrialDiverged(f"training loss became {train_loss} at epoch {epoch + 1}")
 
-        val_probs = predict(net, data, data.val, device, config.batch_size, config.tta_flip, normalize)
+        val_probs = predict(net, data, data.val, engine, config.batch_size, config.tta_flip)
         val_frame = data.val.table.assign(prob=val_probs)
         metrics = {"epoch": epoch + 1, "train_loss": train_loss, **split_metrics(val_frame, "val"),
                    "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": 0.0}
@@ -250,7 +218,7 @@ def run_training(
         better = value > best["value"] if _maximise(config.select_metric) else value < best["value"]
         if best["epoch"] < 0 or better:
             best = {"epoch": epoch + 1, "value": value}
-            test_probs = predict(net, data, data.test, device, config.batch_size, config.tta_flip, normalize)
+            test_probs = predict(net, data, data.test, engine, config.batch_size, config.tta_flip)
             test_frame = data.test.table.assign(prob=test_probs)
             best["test"] = split_metrics(test_frame, "test") if len(test_frame) else {}
             best["val"] = {k: v for k, v in metrics.items() if k.startswith("val_")}
@@ -297,9 +265,17 @@ def _write_summary(out: Path, config: TrainConfig, base: dict, history: list[dic
         "val": best.get("val", {}),
         "test": best.get("test", {}),
         "wall_seconds": time.time() - started,
+        "peak_gpu_memory_mb": _peak_gpu_memory_mb(base["device"]),
     }
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _peak_gpu_memory_mb(device: str) -> float | None:
+    """Peak CUDA memory this process allocated since the run started (None off CUDA)."""
+    if not device.startswith("cuda"):
+        return None
+    return round(torch.cuda.max_memory_allocated(torch.device(device)) / 2**20, 1)
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[MuraNet, TrainConfig]:

@@ -513,11 +513,15 @@ def _cuda_visible() -> bool:
 
 
 def prepare_experiment(plan: SearchPlan, val_fraction: float) -> None:
-    """Write the split once, build the shared image cache and resolve ``pretrained: auto``."""
+    """Write the split once, build the shared image cache and resolve the starting weights.
+
+    ``pretrained: auto`` and ``bodypart`` are resolved per backbone with the experiment's own
+    split (body-part weights see its train images only), and every weights file a trial may
+    start from is checked against that split here, before any trial starts.
+    """
     from mura_tune.data.cache import build_cache
     from mura_tune.data.mura import read_dataset
     from mura_tune.data.split import assign_split, write_split
-    from mura_tune.weights import resolve_auto
 
     exp = Path(plan.exp_dir)
     exp.mkdir(parents=True, exist_ok=True)
@@ -538,13 +542,24 @@ def prepare_experiment(plan: SearchPlan, val_fraction: float) -> None:
             f"mura-tune: {len(cache.unreadable)} unreadable image(s) will be skipped; list in {exp / 'skipped_images.parquet'}",
             file=sys.stderr,
         )
-    if plan.fixed.get("pretrained") == "auto":
-        models = _space_models(plan)
-        resolved = {
-            m: resolve_auto(m, data=plan.data, image_size=int(plan.fixed.get("image_size", 64)))
-            for m in models
+    prepare_weights(plan, table, {"seed": plan.seed, "val_fraction": val_fraction, "path": plan.split_path})
+
+
+def prepare_weights(plan: SearchPlan, table, split_info: dict) -> None:
+    """Resolve ``pretrained: auto``/``bodypart`` per backbone and check every weights file against the split."""
+    from mura_tune.weights import check_weights_split, resolve_pretrained
+
+    pretrained = plan.fixed.get("pretrained", "none")
+    if pretrained in ("auto", "bodypart"):
+        image_size = int(plan.fixed.get("image_size", 64))
+        plan.fixed["pretrained_by_model"] = {
+            m: resolve_pretrained(m, pretrained, table, image_size, split_info=split_info)[0]
+            for m in _space_models(plan)
         }
-        plan.fixed["pretrained_by_model"] = resolved
+    for source in {pretrained, *plan.fixed.get("pretrained_by_model", {}).values()}:
+        notice = check_weights_split(source, table)
+        if notice:
+            print(notice, file=sys.stderr)
 
 
 def _space_models(plan: SearchPlan) -> list[str]:
@@ -619,7 +634,7 @@ def _trainable(plan: SearchPlan, scope: str):
 
 
 def mura_trial(params: dict, ctx: dict) -> None:
-    """Resolve ``pretrained: auto`` per backbone (done once in the driver), then run the trial."""
+    """Use the starting weights the driver resolved for this trial's backbone, then run the trial."""
     by_model = ctx.get("pretrained_by_model")
     if by_model:
         model = params.get("model", ctx["fixed"].get("model", "custom_cnn"))
@@ -627,9 +642,8 @@ def mura_trial(params: dict, ctx: dict) -> None:
         ctx = {
             **ctx,
             "fixed": {**ctx["fixed"], "pretrained": source},
-            "weights_source": source
-            if source in ("imagenet", "none")
-            else f"bodypart:{Path(source).name}",
+            # A built body-part file is named as such; imagenet/none are labelled where they load.
+            "weights_source": None if source in ("imagenet", "none") else f"bodypart:{Path(source).name}",
         }
     trial_main(params, ctx)
 

@@ -1,32 +1,73 @@
-"""Where a backbone's starting weights come from.
+"""Where a backbone's starting weights come from, and whether they can be trusted with a split.
 
 ``pretrained`` in a config is one of:
 
 * ``none`` — random initialisation;
-* ``imagenet`` — timm's ImageNet weights, from the Hugging Face cache or the network;
-* a path to a local ``.safetensors`` / ``.pth`` file (e.g. written by ``mura-tune pretrain``);
-* ``auto`` — ImageNet when it can be had, else body-part-pretrained weights for that backbone,
-  built once into ``$MURA_TUNE_HOME/weights`` (see :mod:`mura_tune.pretrain`).
+* ``imagenet`` — timm's ImageNet weights: a file copied in by hand
+  (``$MURA_TUNE_HOME/weights/imagenet/<model>.safetensors`` or ``.pth``, a state dict as
+  ``timm.create_model(model).state_dict()``; classifier keys are ignored), else the Hugging Face
+  cache, else the hub if it answers one bounded connection attempt;
+* ``auto`` — ImageNet weights when they can be had as above, otherwise random initialisation
+  with a one-line notice saying how to provide ImageNet weights offline;
+* ``bodypart`` — body-part-pretrained weights built once per exact train image list into
+  ``$MURA_TUNE_HOME/weights`` from the run's own train split (see :mod:`mura_tune.pretrain`);
+* a path to a local ``.safetensors`` / ``.pth`` file (e.g. written by ``mura-tune pretrain``).
 
-Offline machines fail fast: we check the cache first, then make one connection attempt with a
-short timeout (skipped when ``HF_HUB_OFFLINE=1``), never a retry loop.
+Weights written by ``mura-tune pretrain`` carry the list of images they were trained on
+(``<stem>.images.parquet``, its sha256 and count in ``<stem>.json``). Before a run or a search
+trains from such a file, :func:`check_weights_split` refuses it if any of the run's val or test
+images is in that list.
+
+Offline machines fail fast: the local file and the cache are checked first, then one connection
+attempt with a short timeout (skipped when ``HF_HUB_OFFLINE=1``), never a retry loop.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import socket
+import sys
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 
 from mura_tune.config import CUSTOM_CNN
-from mura_tune.errors import WeightsError
+from mura_tune.errors import ConfigError, WeightsError
+from mura_tune.home import weights_dir
 
 PROBE_TIMEOUT_S = 3.0
-ALTERNATIVES = "use pretrained: auto (body-part pretraining on your data), a local .safetensors/.pth path, or none"
+ALTERNATIVES = "use pretrained: auto, bodypart (body-part pretraining on your train split), a local .safetensors/.pth path, or none"
+WEIGHT_SUFFIXES = (".safetensors", ".pth")
+#: ``pretrained`` values that name no file.
+KEYWORDS = ("none", "", "imagenet", "auto", "bodypart")
+#: Beside ``<stem>.safetensors``: the images the weights were trained on (one ``image_path`` column).
+IMAGES_SUFFIX = ".images.parquet"
+
+
+def imagenet_dir() -> Path:
+    """``$MURA_TUNE_HOME/weights/imagenet``: ImageNet weights copied in by hand, ``<model>.safetensors|.pth``."""
+    return weights_dir() / "imagenet"
+
+
+def offline_hint(model: str) -> str:
+    return (
+        f"copy timm's ImageNet weights for {model} to {imagenet_dir() / model}.safetensors "
+        "(or .pth), or set pretrained: bodypart"
+    )
+
+
+def local_imagenet_file(model: str) -> Path | None:
+    """The hand-copied ImageNet weights file of ``model``, if present."""
+    for suffix in WEIGHT_SUFFIXES:
+        path = imagenet_dir() / f"{model}{suffix}"
+        if path.is_file():
+            return path
+    return None
 
 
 def _hub_file(model: str) -> tuple[str, str] | None:
@@ -75,7 +116,14 @@ def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
 
 
 def imagenet_available(model: str) -> bool:
-    return model != CUSTOM_CNN and _hub_file(model) is not None and (cached_imagenet_file(model) is not None or hub_reachable())
+    """Whether ImageNet weights of ``model`` can be had: a local file, the HF cache, or a hub that answers."""
+    if model == CUSTOM_CNN:
+        return False
+    if local_imagenet_file(model) is not None:
+        return True
+    return _hub_file(model) is not None and (
+        cached_imagenet_file(model) is not None or hub_reachable()
+    )
 
 
 def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -110,21 +158,30 @@ def load_backbone_state(backbone: torch.nn.Module, state: dict[str, torch.Tensor
         )
 
 
-def load_imagenet_state(model: str) -> dict[str, torch.Tensor]:
-    """timm's ImageNet weights for ``model`` as a state dict, or a WeightsError within seconds."""
+def load_imagenet_state(model: str) -> tuple[dict[str, torch.Tensor], str]:
+    """timm's ImageNet weights for ``model`` and where they came from, or a WeightsError within seconds.
+
+    Returns:
+        The state dict and its source label: ``imagenet:file:<path>`` (copied in by hand),
+        ``imagenet:hf-cache`` or ``imagenet:hub``.
+    """
+    local = local_imagenet_file(model)
+    if local is not None:
+        return read_weights_file(local), f"imagenet:file:{local}"
     cached = cached_imagenet_file(model)
     if cached is not None:
-        return read_weights_file(cached)
+        return read_weights_file(cached), "imagenet:hf-cache"
     if _hub_file(model) is None:
         raise WeightsError(f"timm has no ImageNet weights for {model}; {ALTERNATIVES}")
     if not hub_reachable():
         raise WeightsError(
-            f"ImageNet weights for {model} are not in the Hugging Face cache and the hub is unreachable; {ALTERNATIVES}"
+            f"ImageNet weights for {model} are not in {imagenet_dir()} nor the Hugging Face cache, and the hub is "
+            f"unreachable; {ALTERNATIVES}"
         )
     import timm
 
     try:
-        return timm.create_model(model, pretrained=True, num_classes=0).state_dict()
+        return timm.create_model(model, pretrained=True, num_classes=0).state_dict(), "imagenet:hub"
     except Exception as exc:
         raise WeightsError(f"downloading ImageNet weights for {model} failed ({str(exc).splitlines()[0]}); {ALTERNATIVES}") from None
 
@@ -132,35 +189,156 @@ def load_imagenet_state(model: str) -> dict[str, torch.Tensor]:
 def initial_backbone_state(model: str, pretrained: str) -> tuple[dict | None, str]:
     """Resolve ``pretrained`` to a backbone state dict (or None) and a source label for the leaderboard.
 
-    ``auto`` must have been resolved to ``imagenet`` or a path by :func:`resolve_auto` first.
+    ``auto`` and ``bodypart`` must have been resolved by :func:`resolve_pretrained` first.
     """
     if pretrained in ("none", "", None):
         return None, "none"
     if pretrained == "imagenet":
         if model == CUSTOM_CNN:
             raise WeightsError(f"custom_cnn has no ImageNet weights; {ALTERNATIVES}")
-        return load_imagenet_state(model), "imagenet"
-    if pretrained == "auto":
-        raise WeightsError("pretrained: auto must be resolved before training (mura_tune.weights.resolve_auto)")
+        return load_imagenet_state(model)
+    if pretrained in ("auto", "bodypart"):
+        raise WeightsError(f"pretrained: {pretrained} must be resolved before training (mura_tune.weights.resolve_pretrained)")
     return read_weights_file(pretrained), f"file:{Path(pretrained).name}"
 
 
-def resolve_auto(model: str, data=None, image_size: int = 64, verbose: bool = True) -> str:
-    """Turn ``pretrained: auto`` into ``imagenet`` or the path of body-part-pretrained weights.
+def resolve_auto(model: str, verbose: bool = True) -> str:
+    """Turn ``pretrained: auto`` into ``imagenet`` (when it can be had) or ``none``.
 
-    Body-part weights are built once per (backbone, dataset) into ``$MURA_TUNE_HOME/weights``.
+    Offline without a local copy the notice (stderr, one line) says how to provide one.
     """
-    import sys
-
     if model == CUSTOM_CNN:
         return "none"
     if imagenet_available(model):
         if verbose:
             print(f"mura-tune: pretrained=auto -> ImageNet weights for {model}", file=sys.stderr)
         return "imagenet"
+    if verbose:
+        print(
+            f"mura-tune: pretrained=auto -> random initialisation for {model}: no ImageNet weights offline; "
+            f"{offline_hint(model)}",
+            file=sys.stderr,
+        )
+    return "none"
+
+
+def resolve_pretrained(model: str, pretrained: str, split_table, image_size: int, verbose: bool = True,
+                       split_info: dict | None = None) -> tuple[str, str | None]:
+    """Resolve ``auto`` and ``bodypart`` for one backbone, with the run's own split.
+
+    Args:
+        model: the backbone.
+        pretrained: the config's value.
+        split_table: the run's split manifest: ``bodypart`` weights are trained on its
+            ``train`` rows only.
+        image_size: input side the ``bodypart`` weights are trained at.
+        verbose: print what was chosen (stderr).
+        split_info: what is known about how ``split_table`` was made (seed, val_fraction, path),
+            recorded in the weights' provenance.
+
+    Returns:
+        ``(pretrained, weights_source)``: the value to train with, and the leaderboard label
+        (None: derived when the weights are loaded).
+    """
+    if pretrained == "auto":
+        return resolve_auto(model, verbose=verbose), None
+    if pretrained != "bodypart":
+        return pretrained, None
+    if model == CUSTOM_CNN:
+        raise ConfigError(
+            "pretrained: bodypart is for timm backbones (custom_cnn's cells are searched per trial); "
+            "use none, or a file written by `mura-tune pretrain --backbone custom_cnn` for the same cells"
+        )
     from mura_tune.pretrain import ensure_bodypart_weights
 
-    path = ensure_bodypart_weights(model, data=data, image_size=image_size, verbose=verbose)
+    path = ensure_bodypart_weights(model, split_table, image_size=image_size, verbose=verbose, split_info=split_info)
     if verbose:
-        print(f"mura-tune: pretrained=auto -> no ImageNet weights offline; body-part-pretrained {path}", file=sys.stderr)
-    return str(path)
+        print(f"mura-tune: pretrained=bodypart -> {path}", file=sys.stderr)
+    return str(path), f"bodypart:{path.name}"
+
+
+# --- provenance: which images a weights file has seen ---------------------------------------------
+def resolved_paths(paths: Iterable[str]) -> list[str]:
+    """Absolute paths with symlinks resolved: how image lists are written and compared."""
+    return [os.path.realpath(p) for p in paths]
+
+
+def image_list_digest(paths: Iterable[str]) -> str:
+    """sha256 of the sorted (already resolved) image paths, one per line."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(f"{path}\n".encode())
+    return digest.hexdigest()
+
+
+def images_file(weights: str | Path) -> Path:
+    """``<stem>.images.parquet`` beside a weights file."""
+    weights = Path(weights)
+    return weights.with_name(weights.stem + IMAGES_SUFFIX)
+
+
+def provenance(weights: str | Path) -> dict | None:
+    """The description written beside a weights file (``<stem>.json``), if any."""
+    path = Path(weights).expanduser().with_suffix(".json")
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+    return info if isinstance(info, dict) else None
+
+
+def trained_images(weights: str | Path) -> set[str] | None:
+    """The resolved image paths ``weights`` were trained on (None: the file records no list).
+
+    Raises:
+        WeightsError: the list is missing or does not match the digest and count recorded.
+    """
+    import pandas as pd
+
+    info = provenance(weights)
+    record = (info or {}).get("images")
+    if not isinstance(record, dict):
+        return None
+    listing = images_file(weights)
+    try:
+        paths = pd.read_parquet(listing, columns=["image_path"])["image_path"].tolist()
+    except Exception as exc:
+        raise WeightsError(f"weights {weights}: cannot read their image list {listing} ({str(exc).splitlines()[0]})") from None
+    if len(paths) != record.get("count") or image_list_digest(paths) != record.get("sha256"):
+        raise WeightsError(f"weights {weights}: image list {listing} does not match the digest and count in "
+                           f"{Path(weights).with_suffix('.json').name}")
+    return set(paths)
+
+
+def check_weights_split(pretrained: str | None, split_table) -> str | None:
+    """Refuse weights trained on any val or test image of ``split_table``.
+
+    Args:
+        pretrained: the config's ``pretrained`` (keywords such as ``imagenet`` are not files: nothing to check).
+        split_table: the run's split manifest (``image_path``, ``split``).
+
+    Returns:
+        None when the weights were checked (or name no file); a one-line notice when the file
+        records no image list, so nothing could be checked.
+
+    Raises:
+        WeightsError: one line naming the weights file and how many val/test images it was trained on.
+    """
+    if pretrained is None or str(pretrained) in KEYWORDS:
+        return None
+    seen = trained_images(pretrained)
+    if seen is None:
+        return (f"mura-tune: {pretrained} records no list of the images it was trained on; "
+                "cannot check that it never saw this run's val/test images")
+    held_out = split_table[split_table["split"].isin(["val", "test"])]
+    overlap = [s for s, p in zip(held_out["split"], resolved_paths(held_out["image_path"])) if p in seen]
+    if overlap:
+        n_val = overlap.count("val")
+        raise WeightsError(
+            f"weights {pretrained} were trained on {len(overlap)} of this run's held-out images "
+            f"({n_val} val, {len(overlap) - n_val} test); pretrain on this split's train images "
+            "(pretrained: bodypart, or `mura-tune pretrain` with the same --seed/--val-fraction or --split)"
+        )
+    return None

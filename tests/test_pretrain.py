@@ -1,4 +1,4 @@
-"""Body-part pretraining (issue 9): train split only, weights that load, and a fast offline ``auto``."""
+"""Body-part pretraining (issue 9): train split only, weights that load, and a fast offline ``auto`` (random init)."""
 
 from __future__ import annotations
 
@@ -20,10 +20,12 @@ from mura_tune.errors import ConfigError, WeightsError
 from mura_tune.models import build_model
 from mura_tune.pretrain import ensure_bodypart_weights, pretrain_bodypart, save_backbone
 from mura_tune.weights import (
+    image_list_digest,
     initial_backbone_state,
     load_backbone_state,
     read_weights_file,
     resolve_auto,
+    resolved_paths,
 )
 
 SIZE = 32
@@ -154,22 +156,20 @@ def no_network(monkeypatch, tmp_path):
     return attempts
 
 
-def test_auto_falls_back_within_seconds(no_network, monkeypatch, pretrained, small_data, capsys):
-    calls = []
+def test_auto_falls_back_within_seconds(no_network, monkeypatch, capsys):
+    def must_not_run(*args, **kwargs):  # body-part pretraining is opt-in (pretrained: bodypart)
+        raise AssertionError("pretrained: auto built body-part weights")
 
-    def stub(
-        model, data=None, image_size=64, verbose=True, **kwargs
-    ):  # pretraining itself is timed elsewhere
-        calls.append((model, data, image_size))
-        return pretrained["path"]
-
-    monkeypatch.setattr(pretrain_module, "ensure_bodypart_weights", stub)
+    monkeypatch.setattr(pretrain_module, "ensure_bodypart_weights", must_not_run)
+    monkeypatch.setattr(pretrain_module, "pretrain_bodypart", must_not_run)
     start = time.perf_counter()
-    resolved = resolve_auto("densenet121", data=small_data, image_size=SIZE)
+    resolved = resolve_auto("densenet121")
     assert time.perf_counter() - start < 5.0
     assert no_network == [("127.0.0.1", 9)]  # exactly one attempt: no retry loop
-    assert calls == [("densenet121", small_data, SIZE)] and resolved == str(pretrained["path"])
-    assert "body-part-pretrained" in capsys.readouterr().err
+    assert resolved == "none"
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "random initialisation" in err
+    assert "weights/imagenet/densenet121.safetensors" in err  # how to provide ImageNet weights offline
 
 
 def test_imagenet_offline_fails_fast_naming_alternatives(no_network):
@@ -215,9 +215,8 @@ def run_training_quiet(config, split, tmp_path):
 @pytest.mark.slow
 def test_ensure_builds_once(small_data, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    first = ensure_bodypart_weights(
-        "resnet18", data=small_data, image_size=SIZE, verbose=False, epochs=1
-    )
+    split = _split(small_data)
+    first = ensure_bodypart_weights("resnet18", split, image_size=SIZE, verbose=False, epochs=1)
     assert first.name.startswith("resnet18-bodypart-") and f"-{SIZE}px-" in first.name
     assert first.suffix == ".safetensors"
     assert json.loads(first.with_suffix(".json").read_text())["splits"] == ["train"]
@@ -226,14 +225,11 @@ def test_ensure_builds_once(small_data, monkeypatch):
         raise AssertionError("weights were rebuilt")
 
     monkeypatch.setattr(pretrain_module, "pretrain_bodypart", must_not_run)
-    assert (
-        ensure_bodypart_weights("resnet18", data=small_data, image_size=SIZE, verbose=False, epochs=1)
-        == first
-    )
+    assert ensure_bodypart_weights("resnet18", split, image_size=SIZE, verbose=False, epochs=1) == first
     # Another recipe (here: epochs) is other weights, never the ones built above.
-    other = pretrain_module.bodypart_weights_path(
-        "resnet18", pretrain_module.data_hash(pretrain_module.train_table(small_data)), SIZE, epochs=2
-    )
+    train = pretrain_module.train_table(split_table=split)
+    digest = image_list_digest(resolved_paths(train["image_path"]))
+    other = pretrain_module.bodypart_weights_path("resnet18", digest, SIZE, epochs=2)
     assert other != first and other.parent == first.parent
 
 
