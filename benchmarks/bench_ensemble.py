@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from mura_tune.ensemble import GreedyEnsemble
+from mura_tune.ensemble.greedy import GreedyEnsemble
 
 CANDIDATES, STUDIES, STEPS = 1000, 1200, 50
 

@@ -1,12 +1,12 @@
 """``feed``: training images/s with the real data path vs the same batches already in memory.
 
 Real: cache -> :func:`~mura_tune.data.loader.batch_loader` -> ``to_unit`` -> ``augment`` ->
-``Normalize`` -> forward/backward/step, as :func:`mura_tune.train.run_training` does it.
+``Normalize`` -> forward/backward/step, as :func:`mura_tune.train.run.run_training` does it.
 In memory: the same batches, produced once beforehand (augmented, normalised float tensors),
 then only forward/backward/step: the compute limit. The two arms run in one process on one
 model, alternating batch by batch, so machine load hits both alike. Also measured, to say where the
 difference goes: the data path alone (loader + augment + normalise, no model). Evaluation
-images/s are measured too, through :func:`mura_tune.train.predict` (eval mode, inference_mode).
+images/s are measured too, through :func:`mura_tune.train.run.predict` (eval mode, inference_mode).
 
     python -m benchmarks.bench_feed
 """
@@ -40,11 +40,11 @@ def run(
     """
     import torch
 
-    from mura_tune.augment import Normalize
-    from mura_tune.config import TrainConfig
+    from mura_tune.train.augment import Normalize
+    from mura_tune.train.config import TrainConfig
     from mura_tune.data.cache import build_cache
     from mura_tune.data.loader import SplitData
-    from mura_tune.models import build_model
+    from mura_tune.train.models import build_model
 
     batches = batches or {"custom_cnn": 16, "densenet121": 8}
     torch.set_num_threads(threads)
@@ -118,7 +118,7 @@ def run(
         f"Headline = densenet121 (unfreeze_blocks=1, random init); cases hold both models' ratios "
         f"(targets: custom_cnn >= 0.8, densenet121 >= 0.9). data_path_share_of_step = the data path's "
         f"time / (data path + compute): on a GPU the augment runs on the device and num_workers>0 "
-        f"overlaps loading with compute. eval_images_per_s = mura_tune.train.predict over the cache "
+        f"overlaps loading with compute. eval_images_per_s = mura_tune.train.run.predict over the cache "
         f"(no augmentation, no gradients). Min ratio/target: {worst:.3f}."
     )
     return figure(
@@ -130,7 +130,7 @@ def _arms(net, cache, split, batch_size: int, normalize, aug_strength: float):
     """``real_batch()`` (the next batch through the real data path) and ``step(x, labels, weights)``."""
     import torch
 
-    from mura_tune.augment import augment, to_unit
+    from mura_tune.train.augment import augment, to_unit
     from mura_tune.data.loader import batch_loader
 
     net.train()
@@ -153,14 +153,14 @@ def _arms(net, cache, split, batch_size: int, normalize, aug_strength: float):
 
 
 def _eval_images_per_s(net, cache, split, batch_size: int, normalize, n_images: int) -> float:
-    """Images/s of the evaluation path (:func:`mura_tune.train.predict`) on the first ``n_images``."""
+    """Images/s of the evaluation path (:func:`mura_tune.train.run.predict`) on the first ``n_images``."""
     import time
     from types import SimpleNamespace
 
     import torch
 
     from mura_tune.data.loader import SplitData
-    from mura_tune.train import predict
+    from mura_tune.train.run import predict
 
     def first(n: int) -> SplitData:
         return SplitData(split.rows[:n], split.labels[:n], split.weights[:n], split.table.iloc[:n])

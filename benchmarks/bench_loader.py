@@ -41,7 +41,7 @@ def run(
     """
     import torch
 
-    from mura_tune.augment import Normalize
+    from mura_tune.train.augment import Normalize
     from mura_tune.data.cache import build_cache
     from mura_tune.data.loader import SplitData, batch_loader
 
@@ -122,7 +122,7 @@ def run(
 
 def _consume(batches, normalize) -> int:
     """Turn cached uint8 batches into normalised float batches (``normalize=None``: uint8 only)."""
-    from mura_tune.augment import to_unit
+    from mura_tune.train.augment import to_unit
 
     n = 0
     for images, _, _, _ in batches:
@@ -135,7 +135,7 @@ def _png_batch(paths: list[str], size: int, normalize) -> int:
     """Decode and letterbox every PNG of one batch, then the same float conversion and normalisation."""
     import torch
 
-    from mura_tune.augment import to_unit
+    from mura_tune.train.augment import to_unit
     from mura_tune.data.images import preprocess
 
     batch = np.stack([preprocess(p, size) for p in paths])

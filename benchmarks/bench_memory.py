@@ -1,6 +1,6 @@
 """``memory``: what a second concurrent trial on the same cache adds, vs one trial alone.
 
-Each trial is a real :func:`mura_tune.train.run_training` in its own process (as Ray runs
+Each trial is a real :func:`mura_tune.train.run.run_training` in its own process (as Ray runs
 them), on one decoded cache of ~125 MB (1,216 images at 320 px). The parent samples
 ``/proc/<pid>/smaps`` while they run: whole-process RSS and PSS (proportional set size: a page
 shared by two processes counts half in each), and the same for the cache's mapping alone
@@ -211,8 +211,8 @@ def child(split_path: str, out: str, size: int) -> None:
     """One trial: run_training for one epoch, then wait (mapping open) until the parent says go."""
     import pandas as pd
 
-    from mura_tune.config import TrainConfig
-    from mura_tune.train import run_training
+    from mura_tune.train.config import TrainConfig
+    from mura_tune.train.run import run_training
 
     # The smallest trial that still reads every row: the figure is about memory, not compute.
     config = TrainConfig(

@@ -3,7 +3,7 @@
 Ray arm: the real command line as a subprocess (``python -m mura_tune --space custom_cnn
 --random-search --max-concurrent 1 --cpus-per-trial 1 ...``: one trial at a time, FIFO), timed
 from launch to exit. In-process arm: a subprocess that reads the experiment's split and each
-trial's saved ``config.yaml`` and calls :func:`mura_tune.train.run_training` for them one after
+trial's saved ``config.yaml`` and calls :func:`mura_tune.train.run.run_training` for them one after
 another, timed the same way. Both use the same decoded cache (built beforehand) and 1 thread.
 
 Ray's own per-trial results split the overhead into a fixed part (Ray start, driver, split,
@@ -11,7 +11,7 @@ leaderboard) and a per-trial part: the gap between trials, the trial's setup in 
 process (imports, data, model; minus the same setup in-process) and the per-epoch report +
 checkpoint. Those give the ratio for trials of 20 s, extrapolated unless the trials are that long.
 
-The search uses ``TuneConfig(reuse_actors=True)`` (see :mod:`mura_tune.tuning`), so one actor
+The search uses ``TuneConfig(reuse_actors=True)`` (see :func:`mura_tune.search.driver.build_tuner`), so one actor
 process (and its imports) serves trial after trial; the first trial's setup counts as fixed.
 
     python -m benchmarks.bench_ray
@@ -192,10 +192,10 @@ def inproc(exp: str, out: str) -> None:
     """The no-Ray arm: run every trial's saved config with run_training, one after another."""
     import pandas as pd
 
-    from mura_tune.config import TrainConfig
+    from mura_tune.train.config import TrainConfig
     from mura_tune.data.split import load_split
     from mura_tune.io import write_json
-    from mura_tune.train import run_training
+    from mura_tune.train.run import run_training
 
     table = load_split(Path(exp) / "split.parquet")
     seconds, epochs = {}, {}

@@ -1,6 +1,6 @@
 """``search_efficiency``: TPE+ASHA vs random search without early stopping, equal wall-clock budgets.
 
-Both arms are the real search path of :mod:`mura_tune.tuning` (``plan_search`` from the
+Both arms are the real search path of :mod:`mura_tune.search.driver` (``plan_search`` from the
 command line's own argument parser, ``prepare_experiment``, the same trainable, searcher and
 scheduler); the only addition is Ray Tune's ``TuneConfig(time_budget_s=...)``, which the
 command line does not expose. A Tune callback records, in the driver, the wall time of every
@@ -52,7 +52,7 @@ def run(
     """
     import ray
 
-    from mura_tune import tuning
+    from mura_tune.search import driver as tuning
 
     embedded_cache(image_size)
     root = WORK / "search"

@@ -6,9 +6,9 @@
 On one CUDA GPU it
 
 1. trains densenet121 for one epoch at 320 px through the training core
-   (:class:`mura_tune.engine.Engine`: AMP, channels_last), checks that the parameters and the
+   (:class:`mura_tune.train.engine.Engine`: AMP, channels_last), checks that the parameters and the
    batches are on CUDA and the weights are channels_last, and records train and eval images/s;
-2. pretrains densenet121 on body parts for one epoch (:func:`mura_tune.pretrain.pretrain_bodypart`)
+2. pretrains densenet121 on body parts for one epoch (:func:`mura_tune.train.pretrain.pretrain_bodypart`)
    and checks it ran on CUDA;
 3. runs a 4-trial search with 0.5 GPUs per trial and checks, from the trials' start and end
    times, that two trials ran on the GPU at the same moment; records each trial's device and peak
@@ -108,11 +108,11 @@ def _train(table, args) -> dict:
     """One epoch of densenet121 through the training core: where things are, and images/s."""
     import torch
 
-    from mura_tune.config import TrainConfig
+    from mura_tune.train.config import TrainConfig
     from mura_tune.data.loader import batch_loader
-    from mura_tune.engine import Engine
-    from mura_tune.models import build_model
-    from mura_tune.train import prepare_data, weighted_bce
+    from mura_tune.train.engine import Engine
+    from mura_tune.train.models import build_model
+    from mura_tune.train.run import prepare_data, weighted_bce
 
     config = TrainConfig(model=MODEL, image_size=args.image_size, batch_size=args.batch_size, device=args.device)
     data = prepare_data(table, config.validate(), progress=False)
@@ -141,7 +141,7 @@ def _train(table, args) -> dict:
 
 
 def _pretrain(table, args, results: Path) -> dict:
-    from mura_tune.pretrain import pretrain_bodypart
+    from mura_tune.train.pretrain import pretrain_bodypart
 
     start = time.perf_counter()
     _, info = pretrain_bodypart(MODEL, out=results / "bodypart.safetensors", epochs=1, image_size=args.image_size,

@@ -8,4 +8,6 @@ Quick start (embedded synthetic data, CPU)::
     mura-tune ensemble --experiment results/<name>
 """
 
-__version__ = "0.1.0"
+from mura_tune.constants import VERSION as __version__
+
+__all__ = ["__version__"]

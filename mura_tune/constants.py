@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+VERSION = "0.1.0"
+
 #: The metric every component optimises, and its direction.
 METRIC = "val_kappa_study"
 MODE = "max"
@@ -18,6 +20,10 @@ BODY_PARTS = (
     "XR_SHOULDER",
     "XR_WRIST",
 )
+
+#: The official release's folder name, and its two source splits (``valid`` becomes our test).
+MURA_ROOT = "MURA-v1.1"
+SOURCE_SPLITS = ("train", "valid")
 
 #: Columns of the canonical image table (one row per image).
 TABLE_COLUMNS = ("image_path", "study_id", "patient_id", "body_part", "label", "source_split")

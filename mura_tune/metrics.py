@@ -1,4 +1,5 @@
-"""Pure metric functions: image → study aggregation, Cohen's kappa, AUC, bootstrap intervals.
+"""Pure metric functions: image → study aggregation, Cohen's kappa, AUC, bootstrap intervals, and
+the one scoring of study predictions with intervals (:func:`score_studies`).
 
 MURA is scored per study: a study's probability is the mean of its images' probabilities,
 and the study is abnormal when that mean is above 0.5 (Rajpurkar et al. 2017).
@@ -14,10 +15,11 @@ import math
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score
 
 THRESHOLD = 0.5
 _EPS = 1e-7
+#: The study-level metrics reported with bootstrap intervals (ensemble report, evaluate, HTML report).
+METRIC_NAMES = ("kappa", "auc", "accuracy", "sensitivity", "specificity")
 
 
 def study_table(images: pd.DataFrame) -> pd.DataFrame:
@@ -75,6 +77,10 @@ def cohen_kappa(labels, probs, threshold: float = THRESHOLD) -> float:
 
 def roc_auc(labels, probs) -> float:
     """ROC AUC, or ``nan`` when only one class is present."""
+    # scikit-learn takes seconds to import: only once there is an AUC to compute, so that importing
+    # this module (every command that scores) stays cheap and a malformed file is reported at once.
+    from sklearn.metrics import roc_auc_score
+
     labels = np.asarray(labels)
     if labels.size == 0 or np.unique(labels).size < 2:
         return math.nan
@@ -193,3 +199,59 @@ def _auc_batch(y: np.ndarray, s: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         auc = ((ranks * y).sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
     return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
+
+
+# --- study-level scores with intervals (evaluate, ensemble report, HTML report) ----------------------
+def _num(x: float) -> float | None:
+    """A JSON-safe number: ``None`` where the metric is undefined."""
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def _block(labels: np.ndarray, probs: np.ndarray, n_boot: int, seed: int) -> dict:
+    point = binary_metrics(labels, probs)
+    ci = bootstrap_intervals(labels, probs, n_boot=n_boot, seed=seed)
+    out: dict = {"n": int(len(labels)), "n_abnormal": int(np.sum(labels))}
+    for name in METRIC_NAMES:
+        out[name] = _num(point[name])
+        out[f"{name}_ci"] = [_num(ci[name][0]), _num(ci[name][1])]
+    return out
+
+
+def score_studies(
+    labels: np.ndarray, probs: np.ndarray, body_parts: np.ndarray, n_boot: int = 1000, seed: int = 0
+) -> dict:
+    """Overall and per-body-part study metrics with 95% bootstrap intervals over studies.
+
+    Args:
+        labels: ``(S,)`` study labels, studies in a fixed order (callers sort by ``study_id``).
+        probs: ``(S,)`` study probabilities (abnormal iff > 0.5).
+        body_parts: ``(S,)`` body part of each study.
+        n_boot: bootstrap resamples.
+        seed: seeds every bootstrap (the same seed for the overall and each part's figures).
+
+    Returns:
+        ``{"n_studies", "overall": block, "parts": {part: block}}`` where a block holds ``n``,
+        ``n_abnormal`` and, for kappa/auc/accuracy/sensitivity/specificity, the value and
+        ``<name>_ci`` = ``[low, high]`` (``None`` where undefined).
+    """
+    labels = np.asarray(labels).astype(np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    parts = np.asarray(body_parts).astype(str)
+    out = {
+        "n_studies": int(labels.size),
+        "overall": _block(labels, probs, n_boot, seed),
+        "parts": {},
+    }
+    for part in sorted(set(parts.tolist())):
+        m = parts == part
+        out["parts"][part] = _block(labels[m], probs[m], n_boot, seed)
+    return out
+
+
+def format_ci(value: float | None, ci: list | tuple | None = None) -> str:
+    """``0.712 [0.660, 0.760]``, or ``n/a`` where undefined."""
+    if value is None:
+        return "n/a"
+    if ci is None or ci[0] is None:
+        return f"{value:.3f}"
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"

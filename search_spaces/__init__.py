@@ -1,1 +1,1 @@
-"""Built-in search spaces (one file per space). See mura_tune.spaces."""
+"""Built-in search spaces (one file per space). See mura_tune.search.spaces."""

@@ -1,6 +1,6 @@
 """The source reports' hand-searched CNN, made searchable: depth, filters, convs per cell, BN, pooling, dropout."""
 
-from mura_tune.spaces import register_space
+from mura_tune.search.spaces import register_space
 
 
 @register_space(

@@ -1,6 +1,6 @@
 """Fine-tune a DenseNet (the MURA paper's family) from a searched unfrozen-block cutoff."""
 
-from mura_tune.spaces import register_space
+from mura_tune.search.spaces import register_space
 
 
 @register_space(

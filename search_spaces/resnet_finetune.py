@@ -1,6 +1,6 @@
 """Fine-tune a ResNet-18/50 from a searched unfrozen-block cutoff."""
 
-from mura_tune.spaces import register_space
+from mura_tune.search.spaces import register_space
 
 
 @register_space(

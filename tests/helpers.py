@@ -69,7 +69,7 @@ def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 400)
 
 def search_plan(exp: Path, **fields):
     """A search plan for an experiment folder built by hand (named ``x``, custom_cnn, one CPU)."""
-    from mura_tune.tuning import SearchPlan
+    from mura_tune.search.plan import SearchPlan
 
     defaults = dict(
         name="x", exp_dir=str(exp), space="custom_cnn", preset="cpu", fixed={}, num_samples=4, max_epochs=2,

@@ -58,8 +58,8 @@ def _trials(exp: Path) -> dict[str, dict]:
 
 
 def test_search_spreads_over_nodes_and_survives_losing_one(cluster, tiny_data, tmp_path):
-    from mura_tune.ensemble_build import build_ensemble
-    from mura_tune.train import load_checkpoint
+    from mura_tune.ensemble.build import build_ensemble
+    from mura_tune.train.checkpoint import load_checkpoint
 
     nodes, worker = cluster
     head_id, worker_id = nodes.head_node.node_id, worker.node_id

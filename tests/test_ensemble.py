@@ -10,9 +10,9 @@ import pytest
 from ensemble_fixtures import make_experiment, permute_test_labels
 from sklearn.metrics import cohen_kappa_score
 
-from mura_tune import ensemble_build
-from mura_tune.candidates import drop_incomplete, load_split, read_candidates
-from mura_tune.ensemble import GreedyEnsemble, score
+from mura_tune.ensemble import build as ensemble_build
+from mura_tune.ensemble.candidates import drop_incomplete, load_split, read_candidates
+from mura_tune.ensemble.greedy import GreedyEnsemble, score
 from mura_tune.errors import ConfigError
 from mura_tune.metrics import cohen_kappa, log_loss, roc_auc, study_table
 

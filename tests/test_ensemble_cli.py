@@ -19,10 +19,10 @@ import pytest
 from conftest import run_cli
 from ensemble_fixtures import make_experiment
 
-from mura_tune import ensemble_build
-from mura_tune.candidates import GENERALIST, drop_incomplete, load_split, read_candidates
+from mura_tune.ensemble import build as ensemble_build
+from mura_tune.ensemble.candidates import GENERALIST, drop_incomplete, load_split, read_candidates
 from mura_tune.data.mura import read_dataset
-from mura_tune.ensemble import score
+from mura_tune.ensemble.greedy import score
 
 SEARCH_TIMEOUT = 600  # the first end-to-end test pays for the search
 

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 from ensemble_fixtures import make_experiment, write_submission
 
-from mura_tune.ensemble_build import build_ensemble
+from mura_tune.ensemble.build import build_ensemble
 from mura_tune.errors import ConfigError, DataError
-from mura_tune.evaluate import evaluate_file, format_table, load_predictions
+from mura_tune.report.evaluate import evaluate_file, format_table, load_predictions
 
 N_BOOT, SEED = 60, 3
 

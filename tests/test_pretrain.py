@@ -12,14 +12,14 @@ import torch
 from conftest import run_cli
 
 import mura_tune.data.images as images_module
-import mura_tune.pretrain as pretrain_module
-from mura_tune.config import TrainConfig
+import mura_tune.train.pretrain as pretrain_module
+from mura_tune.train.config import TrainConfig
 from mura_tune.data.mura import read_dataset
 from mura_tune.data.split import assign_split
 from mura_tune.errors import ConfigError, WeightsError
-from mura_tune.models import build_model
-from mura_tune.pretrain import ensure_bodypart_weights, pretrain_bodypart, save_backbone
-from mura_tune.weights import (
+from mura_tune.train.models import build_model
+from mura_tune.train.pretrain import ensure_bodypart_weights, pretrain_bodypart, save_backbone
+from mura_tune.train.weights import (
     image_list_digest,
     initial_backbone_state,
     load_backbone_state,
@@ -180,7 +180,7 @@ def test_imagenet_offline_fails_fast_naming_alternatives(no_network):
 
 
 def test_hub_offline_makes_no_connection(no_network, monkeypatch):
-    from mura_tune.weights import imagenet_available
+    from mura_tune.train.weights import imagenet_available
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert not imagenet_available("densenet121") and no_network == []
@@ -205,7 +205,7 @@ def test_training_records_bodypart_source(pretrained, small_data, tmp_path):
 
 
 def run_training_quiet(config, split, tmp_path):
-    from mura_tune.train import run_training
+    from mura_tune.train.run import run_training
 
     return run_training(
         config, split, tmp_path / "run", cache_root=tmp_path / "cache", verbose=False

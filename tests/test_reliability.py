@@ -153,8 +153,8 @@ def test_driver_sigkill_then_sigint_then_resume(tiny_data, ray_session, tmp_path
 def test_resume_recovers_trials_ray_never_recorded(tmp_path):
     """The races a SIGKILL leaves, made deterministic: Ray's saved state knows trial ``known``;
     ``done`` finished and ``half`` was mid-run after that save, and Optuna heard neither end."""
-    from mura_tune.leaderboard import build_leaderboard
-    from mura_tune.tuning import recover_scope
+    from mura_tune.search.leaderboard import build_leaderboard
+    from mura_tune.search.recovery import recover_scope
 
     exp = tmp_path / "x"
     plan = search_plan(exp, num_samples=4, scopes={"all": 4})
@@ -262,7 +262,7 @@ def test_trial_faults_are_errors_never_scores(tiny_data, ray_session, tmp_path, 
 
 def test_fault_hook_rejects_malformed_specs():
     from mura_tune.errors import ConfigError
-    from mura_tune.tuning import parse_faults
+    from mura_tune.search.trainable import parse_faults
 
     assert parse_faults("raise@2") == {None: ("raise", 2)}
     assert parse_faults("1:nan,3:oom@2") == {1: ("nan", 1), 3: ("oom", 2)}
@@ -340,7 +340,7 @@ def test_malicious_checkpoint_is_refused(tmp_path, capsys):
     import torch
 
     from mura_tune.errors import DataError
-    from mura_tune.train import load_checkpoint
+    from mura_tune.train.checkpoint import load_checkpoint
 
     marker, evil = tmp_path / "pwned", tmp_path / "best.pt"
     torch.save({"state_dict": {}, "config": _Payload(marker), "epoch": 1}, evil)
@@ -358,7 +358,7 @@ def test_malicious_checkpoint_is_refused(tmp_path, capsys):
 
 def test_leaderboard_never_unpickles_ray_state(tmp_path):
     """Ray's experiment_state embeds cloudpickled objects; the leaderboard reads it as plain JSON."""
-    from mura_tune.leaderboard import build_leaderboard
+    from mura_tune.search.leaderboard import build_leaderboard
 
     exp, marker = tmp_path / "exp", tmp_path / "pwned"
     (exp / "trials" / "abc").mkdir(parents=True)

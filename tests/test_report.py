@@ -26,7 +26,7 @@ from conftest import run_cli
 from PIL import Image
 
 from mura_tune.constants import METRIC
-from mura_tune.report import SECTIONS, write_report
+from mura_tune.report.html import SECTIONS, write_report
 
 SEARCH_TIMEOUT = 900  # the first test pays for the search
 
@@ -77,7 +77,7 @@ def section_html(text: str, key: str) -> str:
 
 @pytest.fixture(scope="module")
 def search(ray_session, tiny_data, tmp_path_factory):
-    from mura_tune.ensemble_build import build_ensemble
+    from mura_tune.ensemble.build import build_ensemble
 
     root = tmp_path_factory.mktemp("report")
     args = ["--space", "custom_cnn", "--data", tiny_data, "--num-samples", 3, "--max-epochs", 2]

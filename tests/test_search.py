@@ -11,9 +11,9 @@ import pytest
 from conftest import run_cli
 from helpers import cli
 
-from mura_tune.config import TrainConfig
+from mura_tune.train.config import TrainConfig
 from mura_tune.constants import METRIC
-from mura_tune.spaces import get_space, list_spaces, sample_config, split_params
+from mura_tune.search.spaces import get_space, list_spaces, sample_config, split_params
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,7 @@ def test_search_leaderboard_pruning_and_paths(experiment):
 
 
 def test_leaderboard_has_bootstrap_intervals_of_kappa(experiment):
-    from mura_tune.leaderboard import format_leaderboard
+    from mura_tune.search.leaderboard import format_leaderboard
 
     board = pd.read_parquet(experiment / "leaderboard.parquet")
     for split in ("val", "test"):
@@ -65,8 +65,8 @@ def test_searcher_tells_optuna_each_step_once(tmp_path, finished):
     a time budget stops it): Optuna gets the step once, and the right final state."""
     from helpers import search_plan
 
-    from mura_tune.spaces import get_space
-    from mura_tune.tuning import STEP, make_searcher
+    from mura_tune.search.spaces import get_space
+    from mura_tune.search.searcher import STEP, make_searcher
 
     plan = search_plan(tmp_path / "x")
     (tmp_path / "x").mkdir()
@@ -101,7 +101,7 @@ def test_ray_tools_read_the_experiment(experiment):
     analysis = ExperimentAnalysis(str(experiment))
     assert len(analysis.trials) == 6
     assert tune.Tuner.can_restore(str(experiment))
-    from mura_tune.tuning import mura_trial
+    from mura_tune.search.trainable import mura_trial
 
     restored = tune.Tuner.restore(str(experiment), trainable=mura_trial)
     assert len(restored.get_results()) == 6
@@ -152,7 +152,7 @@ def test_unknown_space_lists_names_and_closest():
 
 def test_user_space_file(tmp_path, tiny_data):
     (tmp_path / "mine.py").write_text(
-        "from mura_tune.spaces import register_space\n"
+        "from mura_tune.search.spaces import register_space\n"
         "from optuna.distributions import FloatDistribution\n"
         "register_space('mine', {'lr': FloatDistribution(1e-4, 1e-2, log=True)}, fixed={'model': 'custom_cnn'})\n")
     space = get_space(str(tmp_path / "mine.py"))

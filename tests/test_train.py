@@ -10,12 +10,13 @@ import pytest
 import torch
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
-from mura_tune.augment import augment
-from mura_tune.config import MODELS, TrainConfig, parse_overrides
+from mura_tune.train.augment import augment
+from mura_tune.train.config import MODELS, TrainConfig, parse_overrides
 from mura_tune.errors import ConfigError
 from mura_tune.metrics import cohen_kappa, roc_auc, split_metrics, study_table
-from mura_tune.models import backbone_blocks, build_model, count_parameters
-from mura_tune.train import TrialDiverged, load_checkpoint, run_training
+from mura_tune.train.models import backbone_blocks, build_model, count_parameters
+from mura_tune.train.checkpoint import load_checkpoint
+from mura_tune.train.run import TrialDiverged, run_training
 
 TINY = {"image_size": 32, "depth": 3, "base_filters": 8, "batch_size": 16, "seed": 0}
 
@@ -120,8 +121,8 @@ def test_run_outputs_checkpoint_reproduces_predictions(tiny_split, tmp_path):
     assert best["val_kappa_study"] == pytest.approx(cohen_kappa_score(val["label"], val["prob"] > 0.5))
     assert best["val_auc"] == pytest.approx(roc_auc_score(val["label"], val["prob"]))
     # A loaded checkpoint reproduces the saved val predictions.
-    from mura_tune.augment import Normalize
-    from mura_tune.train import predict, prepare_data
+    from mura_tune.train.augment import Normalize
+    from mura_tune.train.run import predict, prepare_data
 
     net, loaded = load_checkpoint(tmp_path / "best.pt")
     data = prepare_data(table, loaded, progress=False)

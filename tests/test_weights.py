@@ -12,15 +12,15 @@ import pytest
 import torch
 from conftest import run_cli
 
-import mura_tune.pretrain as pretrain_module
-from mura_tune.config import TrainConfig
+import mura_tune.train.pretrain as pretrain_module
+from mura_tune.train.config import TrainConfig
 from mura_tune.data.mura import read_dataset
 from mura_tune.data.split import assign_split, write_split
-from mura_tune.engine import Engine
+from mura_tune.train.engine import Engine
 from mura_tune.errors import WeightsError
-from mura_tune.models import build_model
-from mura_tune.pretrain import pretrain_bodypart
-from mura_tune.weights import (
+from mura_tune.train.models import build_model
+from mura_tune.train.pretrain import pretrain_bodypart
+from mura_tune.train.weights import (
     check_weights_split,
     imagenet_dir,
     images_file,
@@ -87,7 +87,7 @@ def test_run_given_weights_that_saw_its_val_images_is_refused_in_one_line(seed0_
     assert not (out / "metrics.parquet").exists() and not (out / "config.yaml").exists()  # nothing trained
     # The library refuses the same way, before writing anything.
     config = TrainConfig(model="resnet18", pretrained=str(weights), image_size=SIZE, max_epochs=1)
-    from mura_tune.train import run_training
+    from mura_tune.train.run import run_training
 
     with pytest.raises(WeightsError, match=f"trained on {len(overlap)} "):
         run_training(config, other, tmp_path / "lib", verbose=False)
@@ -104,7 +104,7 @@ def test_search_refuses_such_weights_before_any_trial(seed0_weights, tiny_data, 
 
 
 BODYPART_SPACE = """
-from mura_tune.spaces import register_space
+from mura_tune.search.spaces import register_space
 
 
 @register_space(
@@ -147,7 +147,7 @@ def test_auto_offline_builds_no_bodypart_weights(tiny_split, tmp_path, monkeypat
 
     import huggingface_hub.constants
 
-    from mura_tune.tuning import prepare_weights
+    from mura_tune.search.prepare import prepare_weights
 
     monkeypatch.setenv("MURA_TUNE_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # an empty cache
@@ -184,7 +184,7 @@ def test_local_imagenet_file_is_picked_up_and_loaded(suffix, tiny_split, tmp_pat
     assert set(backbone) == {k for k in state if not k.startswith("fc.")}
     assert all(torch.equal(backbone[k], state[k]) for k in backbone)
     if suffix == ".safetensors":  # the source reaches summary.json, which the leaderboard reads
-        from mura_tune.train import run_training
+        from mura_tune.train.run import run_training
 
         table, _ = tiny_split
         config = TrainConfig(model="resnet18", pretrained="imagenet", unfreeze_blocks=0, image_size=SIZE,
@@ -195,9 +195,9 @@ def test_local_imagenet_file_is_picked_up_and_loaded(suffix, tiny_split, tmp_pat
 
 def test_train_pretrain_predict_and_cam_share_the_engine(tiny_split, tmp_path, monkeypatch):
     """One training core: every training epoch and every forward pass of the four users goes through Engine."""
-    from mura_tune.cam import cam_image
-    from mura_tune.predict import Member, image_probabilities
-    from mura_tune.train import run_training
+    from mura_tune.report.cam import cam_image
+    from mura_tune.ensemble.predict import Member, image_probabilities
+    from mura_tune.train.run import run_training
 
     calls: dict[str, int] = {"train_epoch": 0, "logits": 0}
     for name in calls:

@@ -6,6 +6,7 @@ import fcntl
 import sys
 from pathlib import Path
 
+from mura_tune.data.synth import synthesize
 from mura_tune.home import EMBEDDED, embedded_data_dir
 
 
@@ -19,8 +20,6 @@ def ensure_embedded(verbose: bool = True) -> Path:
     with open(out.parent / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not done.exists():
-            from mura_tune.data.synth import synthesize
-
             if verbose:
                 print(f"mura-tune: generating the embedded synthetic dataset into {out} (once)", file=sys.stderr)
             tmp = out.with_name(out.name + ".partial")

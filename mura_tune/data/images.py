@@ -2,7 +2,7 @@
 
 This is the only place pixels are prepared, so the decoded cache and any uncached path give
 pixel-identical inputs. Normalisation and the 3-channel replication happen on tensors, at
-batch time (see :mod:`mura_tune.augment`).
+batch time (see :mod:`mura_tune.train.augment`).
 """
 
 from __future__ import annotations

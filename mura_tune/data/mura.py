@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from mura_tune.constants import BODY_PARTS, TABLE_COLUMNS
+from mura_tune.constants import BODY_PARTS, MURA_ROOT, SOURCE_SPLITS, TABLE_COLUMNS
+from mura_tune.data.embedded import ensure_embedded
 from mura_tune.errors import DataError
 
-ROOT_NAME = "MURA-v1.1"
-SOURCE_SPLITS = ("train", "valid")
+ROOT_NAME = MURA_ROOT
 
 PATH_PATTERN = re.compile(
     r"^MURA-v1\.1/(?P<split>train|valid)/(?P<part>XR_(?:" + "|".join(p[3:] for p in BODY_PARTS) + r"))"
@@ -225,8 +225,6 @@ def read_manifest(path: str | Path) -> Dataset:
 def read_dataset(data: str | Path | None, strict: bool = True) -> Dataset:
     """Read ``--data``: a MURA folder, a manifest file, or (None) the embedded synthetic set."""
     if data is None:
-        from mura_tune.data.embedded import ensure_embedded
-
         data = ensure_embedded()
     path = Path(data).expanduser()
     if path.suffix in (".csv", ".parquet") and not path.is_dir():

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mura_tune.constants import TABLE_COLUMNS
 from mura_tune.errors import ConfigError, DataError
 from mura_tune.io import write_parquet
 
@@ -83,8 +84,6 @@ def load_split(path: str | Path) -> pd.DataFrame:
     Raises:
         DataError: the file is missing, is not Parquet, or lacks the canonical or ``split`` columns.
     """
-    from mura_tune.constants import TABLE_COLUMNS
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"split manifest not found: {path}")

@@ -1,4 +1,4 @@
-"""Models built from a :class:`~mura_tune.config.TrainConfig`.
+"""Models built from a :class:`~mura_tune.train.config.TrainConfig`.
 
 * ``custom_cnn``: the cell design of the source reports, made searchable — ``depth`` cells of
   (conv → BatchNorm? → ReLU) × ``convs_per_cell`` → max-pool, filters doubling per cell from
@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mura_tune.config import CUSTOM_CNN, TrainConfig
+from mura_tune.train.config import CUSTOM_CNN, TrainConfig
+from mura_tune.train.weights import load_backbone_state
 
 
 class CustomCNN(nn.Module):
@@ -143,7 +144,7 @@ def build_model(config: TrainConfig, backbone_state: dict | None = None, timm_pr
     Args:
         config: the run's configuration.
         backbone_state: weights for the backbone (from a local file); head keys are ignored.
-        timm_pretrained: let timm load its ImageNet weights (see :mod:`mura_tune.weights`).
+        timm_pretrained: let timm load its ImageNet weights (see :mod:`mura_tune.train.weights`).
     """
     if config.model == CUSTOM_CNN:
         backbone = CustomCNN(config.depth, config.base_filters, config.max_filters, config.convs_per_cell,
@@ -155,8 +156,6 @@ def build_model(config: TrainConfig, backbone_state: dict | None = None, timm_pr
         backbone = timm.create_model(config.model, pretrained=timm_pretrained, num_classes=0)
         num_features = backbone.num_features
     if backbone_state is not None:
-        from mura_tune.weights import load_backbone_state
-
         load_backbone_state(backbone, backbone_state, config.model)
     net = MuraNet(backbone, num_features, list(config.head_widths), config.head_dropout, config.dropout,
                   config.global_pool)

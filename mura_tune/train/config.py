@@ -17,8 +17,9 @@ from typing import Any
 
 import yaml
 
-from mura_tune.constants import METRIC
+from mura_tune.constants import BODY_PARTS, METRIC
 from mura_tune.errors import ConfigError
+from mura_tune.io import write_json, write_yaml
 
 CUSTOM_CNN = "custom_cnn"
 TIMM_BACKBONES = ("densenet121", "densenet169", "densenet201", "resnet18", "resnet34", "resnet50", "efficientnet_b0")
@@ -66,8 +67,6 @@ class TrainConfig:
     # ---------------------------------------------------------------------------------------
     def validate(self) -> TrainConfig:
         """Check every field; raise ConfigError naming the rule and the value."""
-        from mura_tune.constants import BODY_PARTS
-
         def rule(ok: bool, text: str) -> None:
             if not ok:
                 raise ConfigError(text)
@@ -135,8 +134,6 @@ class TrainConfig:
         return cls.from_dict(values, source=str(path))
 
     def save(self, path: str | Path) -> Path:
-        from mura_tune.io import write_json, write_yaml
-
         path = Path(path)
         return write_json(path, self.to_dict()) if path.suffix == ".json" else write_yaml(path, self.to_dict())
 

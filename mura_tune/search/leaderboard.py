@@ -19,10 +19,11 @@ import pandas as pd
 from mura_tune.constants import COMPLETED, ERROR, METRIC, MODE, PRUNED
 from mura_tune.errors import ExperimentError
 from mura_tune.io import write_parquet
+from mura_tune.metrics import bootstrap_intervals, split_metrics, study_table
 
 LEADERBOARD = "leaderboard.parquet"
 #: trials/<id>/recovered.json: a trial only Optuna saw end (the driver died before Ray saved it);
-#: written by ``--resume`` (:func:`mura_tune.tuning.recover_scope`).
+#: written by ``--resume`` (:func:`mura_tune.search.recovery.recover_scope`).
 RECOVERED_FILE = "recovered.json"
 #: <exp>/specialists/<PART>/: the Ray folder of each specialist search.
 SPECIALISTS_DIR = "specialists"
@@ -176,8 +177,6 @@ def build_leaderboard(exp_dir: str | Path, write: bool = True) -> pd.DataFrame:
         if summary is not None and summary.get("test"):
             best_test = summary["test"]
         elif predictions is not None:
-            from mura_tune.metrics import split_metrics
-
             test = predictions[predictions["split"] == "test"]
             best_test = split_metrics(test, "test") if len(test) else {}
         row["best_epoch"] = best_epoch
@@ -236,8 +235,6 @@ def kappa_intervals(predictions: pd.DataFrame) -> dict[str, float]:
 
     Returns ``{"val_kappa_study_ci_low", "val_kappa_study_ci_high", "test_..."}`` (NaN for an absent split).
     """
-    from mura_tune.metrics import bootstrap_intervals, study_table
-
     out = {}
     for split in ("val", "test"):
         rows = predictions[predictions["split"] == split]

@@ -2,7 +2,7 @@
 
 A space is one small file in ``search_spaces/`` (or any file passed as ``--space path.py``)::
 
-    from mura_tune.spaces import register_space
+    from mura_tune.search.spaces import register_space
 
     @register_space("my_space", fixed={"model": "custom_cnn"},
                     presets={"cpu": {"image_size": 64, "max_epochs": 4, "num_samples": 8}})
@@ -34,6 +34,7 @@ from typing import Any
 import optuna
 
 from mura_tune.errors import ConfigError
+from mura_tune.train.config import TrainConfig
 
 #: Keys a preset may hold besides config fields: search-level defaults and keyword arguments of
 #: the space's function (e.g. ``space_args: {backbones: [densenet121]}`` for the CPU demo).
@@ -109,7 +110,7 @@ def _dict_space(space: dict, name: str) -> Callable:
             else:
                 trial.suggest_categorical(key, dist.choices)
 
-    sample.__module__ = "mura_tune.spaces"
+    sample.__module__ = "mura_tune.search.spaces"
     sample.__qualname__ = f"dict_space_{name}"
     return sample
 
@@ -118,10 +119,13 @@ def _load_builtins() -> None:
     global _LOADED_BUILTINS
     if _LOADED_BUILTINS:
         return
-    import mura_tune.search_spaces as pkg
+    # The built-in spaces live in the top-level ``search_spaces`` package (a plain checkout, an
+    # editable install and the wheel all provide it); imported here, not at module level, because
+    # each of them imports this module to register itself.
+    import search_spaces as pkg
 
     for info in pkgutil.iter_modules(pkg.__path__):
-        importlib.import_module(f"mura_tune.search_spaces.{info.name}")
+        importlib.import_module(f"{pkg.__name__}.{info.name}")
     _LOADED_BUILTINS = True
 
 
@@ -173,8 +177,6 @@ def sample_config(space: SearchSpace, trial: optuna.Trial) -> dict[str, Any]:
 
 def split_params(space: SearchSpace, params: dict[str, Any]) -> dict[str, Any]:
     """Config fields among sampled ``params``; unknown names (not in ``aux``) are an error."""
-    from mura_tune.config import TrainConfig
-
     fields = set(TrainConfig.__dataclass_fields__)
     unknown = [k for k in params if k not in fields and k not in space.aux]
     if unknown:
@@ -195,7 +197,7 @@ def describe_spaces() -> str:
         for preset, values in sorted(space.presets.items()):
             lines.append(f"    preset {preset}: {values}")
         lines.append("")
-    lines.append("Add one: a file calling mura_tune.spaces.register_space, passed as --space path/to/file.py")
+    lines.append("Add one: a file calling mura_tune.search.spaces.register_space, passed as --space path/to/file.py")
     return "\n".join(lines)
 
 

@@ -36,13 +36,15 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from mura_tune.data.images import ImageReadError, letterbox, load_gray
+from mura_tune.data.mura import read_dataset
 from mura_tune.errors import ConfigError, DataError, ExperimentError
 from mura_tune.io import write_parquet, write_text
+from mura_tune.metrics import study_table
 
 if TYPE_CHECKING:  # torch is imported where a model runs: a bad flag or folder fails in a second
     import torch
 
-    from mura_tune.engine import Engine
+    from mura_tune.train.engine import Engine
 
 GENERALIST = "generalist"
 UNKNOWN_PART = "unknown"
@@ -125,7 +127,7 @@ def load_members(
     Returns:
         The members by checkpoint path, and the routes as ``[(checkpoint path, weight)]``.
     """
-    from mura_tune.train import load_checkpoint
+    from mura_tune.train.checkpoint import load_checkpoint
 
     members: dict[Path, Member] = {}
     keyed: dict[str, list[tuple[Path, float]]] = {}
@@ -157,8 +159,6 @@ def read_images(data: str | Path) -> tuple[pd.DataFrame, Path]:
     Raises:
         DataError: the path does not exist or holds no images.
     """
-    from mura_tune.data.mura import read_dataset
-
     path = Path(data).expanduser()
     if not path.exists():
         raise DataError(f"--data not found: {path}")
@@ -292,8 +292,6 @@ def combine(
     Returns:
         The study table (sorted by ``study_id``) and the ensemble's image probabilities.
     """
-    from mura_tune.metrics import study_table  # sklearn: imported only when there is work
-
     studies, image_prob = [], np.zeros(len(table))
     base = table[["study_id", "body_part"]].assign(label=np.int8(0))
     for key, entries in routes.items():
@@ -350,7 +348,7 @@ def predict_with_ensemble(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     manifest, manifest_path = read_ensemble_manifest(ensemble_dir)
-    from mura_tune.engine import Engine
+    from mura_tune.train.engine import Engine
 
     engine = Engine(device)
     routes = ensemble_routes(manifest)

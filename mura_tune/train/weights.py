@@ -10,7 +10,7 @@
 * ``auto`` — ImageNet weights when they can be had as above, otherwise random initialisation
   with a one-line notice saying how to provide ImageNet weights offline;
 * ``bodypart`` — body-part-pretrained weights built once per exact train image list into
-  ``$MURA_TUNE_HOME/weights`` from the run's own train split (see :mod:`mura_tune.pretrain`);
+  ``$MURA_TUNE_HOME/weights`` from the run's own train split (see :mod:`mura_tune.train.pretrain`);
 * a path to a local ``.safetensors`` / ``.pth`` file (e.g. written by ``mura-tune pretrain``).
 
 Weights written by ``mura-tune pretrain`` carry the list of images they were trained on
@@ -34,11 +34,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlparse
 
+import pandas as pd
 import torch
 
-from mura_tune.config import CUSTOM_CNN
-from mura_tune.errors import ConfigError, WeightsError
+from mura_tune.errors import WeightsError
 from mura_tune.home import weights_dir
+from mura_tune.train.config import CUSTOM_CNN
 
 PROBE_TIMEOUT_S = 3.0
 ALTERNATIVES = "use pretrained: auto, bodypart (body-part pretraining on your train split), a local .safetensors/.pth path, or none"
@@ -189,7 +190,7 @@ def load_imagenet_state(model: str) -> tuple[dict[str, torch.Tensor], str]:
 def initial_backbone_state(model: str, pretrained: str) -> tuple[dict | None, str]:
     """Resolve ``pretrained`` to a backbone state dict (or None) and a source label for the leaderboard.
 
-    ``auto`` and ``bodypart`` must have been resolved by :func:`resolve_pretrained` first.
+    ``auto`` and ``bodypart`` must have been resolved by :func:`mura_tune.train.pretrain.resolve_pretrained` first.
     """
     if pretrained in ("none", "", None):
         return None, "none"
@@ -198,7 +199,7 @@ def initial_backbone_state(model: str, pretrained: str) -> tuple[dict | None, st
             raise WeightsError(f"custom_cnn has no ImageNet weights; {ALTERNATIVES}")
         return load_imagenet_state(model)
     if pretrained in ("auto", "bodypart"):
-        raise WeightsError(f"pretrained: {pretrained} must be resolved before training (mura_tune.weights.resolve_pretrained)")
+        raise WeightsError(f"pretrained: {pretrained} must be resolved before training (mura_tune.train.pretrain.resolve_pretrained)")
     return read_weights_file(pretrained), f"file:{Path(pretrained).name}"
 
 
@@ -220,41 +221,6 @@ def resolve_auto(model: str, verbose: bool = True) -> str:
             file=sys.stderr,
         )
     return "none"
-
-
-def resolve_pretrained(model: str, pretrained: str, split_table, image_size: int, verbose: bool = True,
-                       split_info: dict | None = None) -> tuple[str, str | None]:
-    """Resolve ``auto`` and ``bodypart`` for one backbone, with the run's own split.
-
-    Args:
-        model: the backbone.
-        pretrained: the config's value.
-        split_table: the run's split manifest: ``bodypart`` weights are trained on its
-            ``train`` rows only.
-        image_size: input side the ``bodypart`` weights are trained at.
-        verbose: print what was chosen (stderr).
-        split_info: what is known about how ``split_table`` was made (seed, val_fraction, path),
-            recorded in the weights' provenance.
-
-    Returns:
-        ``(pretrained, weights_source)``: the value to train with, and the leaderboard label
-        (None: derived when the weights are loaded).
-    """
-    if pretrained == "auto":
-        return resolve_auto(model, verbose=verbose), None
-    if pretrained != "bodypart":
-        return pretrained, None
-    if model == CUSTOM_CNN:
-        raise ConfigError(
-            "pretrained: bodypart is for timm backbones (custom_cnn's cells are searched per trial); "
-            "use none, or a file written by `mura-tune pretrain --backbone custom_cnn` for the same cells"
-        )
-    from mura_tune.pretrain import ensure_bodypart_weights
-
-    path = ensure_bodypart_weights(model, split_table, image_size=image_size, verbose=verbose, split_info=split_info)
-    if verbose:
-        print(f"mura-tune: pretrained=bodypart -> {path}", file=sys.stderr)
-    return str(path), f"bodypart:{path.name}"
 
 
 # --- provenance: which images a weights file has seen ---------------------------------------------
@@ -295,8 +261,6 @@ def trained_images(weights: str | Path) -> set[str] | None:
     Raises:
         WeightsError: the list is missing or does not match the digest and count recorded.
     """
-    import pandas as pd
-
     info = provenance(weights)
     record = (info or {}).get("images")
     if not isinstance(record, dict):

@@ -7,7 +7,7 @@ Grad-CAM (Selvaraju et al. 2017) weights the channels of the last feature map
 (``MuraNet.forward_features``) by the mean gradient of the abnormal logit, keeps the positive
 part and scales it to [0, 1]. It works for the custom CNN and every timm backbone alike.
 The overlay is drawn on the radiograph letterboxed at its own resolution (not the model's).
-Inputs are prepared and the model is run through :class:`mura_tune.engine.Engine`, as in training
+Inputs are prepared and the model is run through :class:`mura_tune.train.engine.Engine`, as in training
 (``cam_command`` runs on CUDA when present).
 """
 
@@ -20,11 +20,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from mura_tune.config import TrainConfig
 from mura_tune.data.images import ImageReadError, letterbox, load_gray, preprocess
-from mura_tune.engine import Engine
 from mura_tune.errors import ConfigError, DataError
-from mura_tune.models import MuraNet
+from mura_tune.io import atomic_path
+from mura_tune.train.checkpoint import load_checkpoint
+from mura_tune.train.config import TrainConfig
+from mura_tune.train.engine import Engine
+from mura_tune.train.models import MuraNet
 
 #: Opacity of the heat map over the radiograph.
 ALPHA = 0.45
@@ -128,8 +130,6 @@ def cam_image(
 
 def save_overlay(image: np.ndarray, prob: float, path: str | Path) -> Path:
     """Write an overlay PNG, with ``p(abnormal)`` in its top-left corner when the image is large enough."""
-    from mura_tune.io import atomic_path
-
     img = Image.fromarray(image)
     if img.width >= LABEL_MIN_WIDTH:
         draw = ImageDraw.Draw(img)
@@ -175,8 +175,6 @@ def cam_command(
         ConfigError: neither or both of ``image``/``study``, or an ``--out`` of the wrong kind.
         DataError: a missing checkpoint, image or study folder, or an unreadable image.
     """
-    from mura_tune.train import load_checkpoint
-
     if (image is None) == (study is None):
         raise ConfigError("give exactly one of --image PNG or --study DIR")
     if image is not None:

@@ -1,24 +1,17 @@
-"""The ``mura-tune`` command line.
+"""The ``mura-tune`` argument parser: flags, their help, and the ``--space`` shorthand.
 
-    mura-tune --space densenet_finetune            # the main job (same as `mura-tune search ...`)
-    mura-tune data synth --out DIR                 # synthetic MURA-v1.1 stand-in
-    mura-tune data summary [--data DIR] [--json]
-    mura-tune train --set model=custom_cnn
-
-Errors the user can fix print one line (``mura-tune: error: ...``) and exit 2; ``--debug``
-shows the traceback.
+Only parsing lives here (argparse types check a number's range where the flag alone decides it);
+the rules that involve the data, the space or several flags live with the library (e.g.
+:class:`mura_tune.search.plan.SearchPlan`). Importing this module imports nothing heavy, so
+``--help`` and typos answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from pathlib import Path
 from typing import NoReturn
 
-from mura_tune import __version__
-from mura_tune.errors import MuraTuneError
+from mura_tune.constants import VERSION as __version__
 
 
 class Parser(argparse.ArgumentParser):
@@ -190,37 +183,6 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-search", action="store_true", help="baseline: random sampling and no early stopping")
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = implicit_search(list(sys.argv[1:] if argv is None else argv))
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
-    try:
-        from mura_tune import commands
-
-        return int(commands.dispatch(args) or 0)
-    except MuraTuneError as exc:
-        if args.debug:
-            raise
-        print(f"mura-tune: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        if args.debug:
-            raise
-        print("mura-tune: interrupted", file=sys.stderr)
-        return 130
-    except OSError as exc:
-        # A file the command had to read or write (permissions, a full disk, a path that is a
-        # folder): say which, in one line. OSErrors without a file name are bugs and keep their traceback.
-        if args.debug or exc.filename is None:
-            raise
-        where = exc.filename2 or exc.filename  # a rename into place names the destination second
-        print(f"mura-tune: error: {exc.strerror or type(exc).__name__}: {where}", file=sys.stderr)
-        return 2
-
-
 def implicit_search(argv: list[str]) -> list[str]:
     """``mura-tune [--debug] --space X ...`` is ``mura-tune [--debug] search --space X ...``."""
     i = 0
@@ -232,17 +194,3 @@ def implicit_search(argv: list[str]) -> list[str]:
     ):
         return [*argv[:i], "search", *rest]
     return argv
-
-
-def print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, default=str))
-
-
-def paths_written(*paths: str | Path) -> None:
-    """Every command ends by printing the paths it wrote."""
-    for path in paths:
-        print(f"wrote {path}")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -1,13 +1,28 @@
-"""Handlers of the ``mura-tune`` subcommands: parse-free glue from arguments to library calls."""
+"""Handlers of the ``mura-tune`` subcommands: parse-free glue from arguments to library calls.
+
+Each handler imports the library it calls inside itself: a command imports only what it uses, and
+its flags, config and data are checked before torch or Ray is imported, so a typo fails in a second
+(``tests/test_bad_inputs.py`` checks that error paths never import them).
+"""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
 
-from mura_tune.cli import paths_written, print_json
 from mura_tune.errors import ConfigError, DataError, ExperimentError
+
+
+def print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def paths_written(*paths: str | Path) -> None:
+    """Every command ends by printing the paths it wrote."""
+    for path in paths:
+        print(f"wrote {path}")
 
 
 def dispatch(args) -> int:
@@ -72,9 +87,9 @@ def data_cache(args) -> int:
 # --- train / pretrain ---------------------------------------------------------------------------
 def train(args) -> int:
     # Flags, config and data are checked before torch is imported: a typo fails in a second.
-    from mura_tune.config import TrainConfig, parse_overrides
     from mura_tune.data.mura import read_dataset
     from mura_tune.data.split import assign_split, load_split, write_split
+    from mura_tune.train.config import TrainConfig, parse_overrides
 
     split_path = Path(args.split) if args.split else None
     if args.from_trial:
@@ -94,7 +109,8 @@ def train(args) -> int:
         table = assign_split(read_dataset(args.data).table)
         write_split(table, out / "split.parquet")
         split_info = {"seed": 0, "val_fraction": 0.2, "path": str(out / "split.parquet")}
-    from mura_tune.weights import check_weights_split, resolve_pretrained
+    from mura_tune.train.pretrain import resolve_pretrained
+    from mura_tune.train.weights import check_weights_split
 
     pretrained, weights_source = resolve_pretrained(config.model, config.pretrained, table, config.image_size,
                                                     split_info=split_info)
@@ -102,7 +118,7 @@ def train(args) -> int:
     notice = check_weights_split(config.pretrained, table)  # refused here, before any training
     if notice:
         print(notice, file=sys.stderr)
-    from mura_tune.train import run_training
+    from mura_tune.train.run import run_training
 
     summary = run_training(config, table, out, strict=args.strict, weights_source=weights_source)
     val, test = summary["val"], summary["test"]
@@ -114,7 +130,7 @@ def train(args) -> int:
 
 
 def pretrain(args) -> int:
-    from mura_tune.pretrain import pretrain_bodypart
+    from mura_tune.train.pretrain import pretrain_bodypart
 
     split_table = split_info = None
     if args.split:
@@ -134,20 +150,23 @@ def pretrain(args) -> int:
 
 # --- search -------------------------------------------------------------------------------------
 def search(args) -> int:
-    from mura_tune.tuning import run_search
+    from mura_tune.search.plan import _load_for_resume, plan_search
 
-    return run_search(args)
+    plan = _load_for_resume(args) if args.resume else plan_search(args)  # every flag checked first
+    from mura_tune.search.driver import run_search
+
+    return run_search(args, plan)
 
 
 def spaces(args) -> int:
-    from mura_tune.spaces import describe_spaces
+    from mura_tune.search.spaces import describe_spaces
 
     print(describe_spaces())
     return 0
 
 
 def leaderboard(args) -> int:
-    from mura_tune.leaderboard import build_leaderboard, format_leaderboard
+    from mura_tune.search.leaderboard import build_leaderboard, format_leaderboard
 
     exp = Path(args.experiment)
     board = build_leaderboard(exp)
@@ -163,7 +182,7 @@ def leaderboard(args) -> int:
 
 # --- ensemble / evaluate / predict ------------------------------------------------------------------
 def ensemble(args) -> int:
-    from mura_tune.ensemble_build import build_ensemble
+    from mura_tune.ensemble.build import build_ensemble
 
     out = build_ensemble(args.experiment, name=args.name, out_root=args.out_root, max_size=args.max_size,
                          specialists=args.specialists, metric=args.metric, margin=args.margin, seed=args.seed)
@@ -173,7 +192,7 @@ def ensemble(args) -> int:
 
 def evaluate(args) -> int:
     from mura_tune.data.mura import read_dataset
-    from mura_tune.evaluate import evaluate_file, format_table
+    from mura_tune.report.evaluate import evaluate_file, format_table
 
     table = read_dataset(args.data).table
     result = evaluate_file(table, args.predictions, split=args.split)
@@ -182,7 +201,7 @@ def evaluate(args) -> int:
 
 
 def predict(args) -> int:
-    from mura_tune.predict import predict_with_ensemble
+    from mura_tune.ensemble.predict import predict_with_ensemble
 
     written = predict_with_ensemble(args.ensemble, args.data, args.out)
     paths_written(*written)
@@ -190,7 +209,7 @@ def predict(args) -> int:
 
 
 def report(args) -> int:
-    from mura_tune.report import write_report
+    from mura_tune.report.html import write_report
 
     path = write_report(args.experiment, ensemble=args.ensemble, out=args.out)
     paths_written(path)
@@ -202,7 +221,7 @@ def cam(args) -> int:
     for flag, value in (("--checkpoint", args.checkpoint), ("--image", args.image)):
         if value is not None and not Path(value).is_file():
             raise DataError(f"{flag} {value}: file not found")
-    from mura_tune.cam import cam_command
+    from mura_tune.report.cam import cam_command
 
     paths_written(*cam_command(args.checkpoint, image=args.image, study=args.study, out=args.out))
     return 0

@@ -1,8 +1,8 @@
 """The one training core: where tensors run and how a batch goes through a network.
 
-Training (:func:`mura_tune.train.run_training`), body-part pretraining
-(:mod:`mura_tune.pretrain`), ensemble prediction (:mod:`mura_tune.predict`) and Grad-CAM
-(:mod:`mura_tune.cam`) all go through an :class:`Engine`, so a fix here reaches all four:
+Training (:func:`mura_tune.train.run.run_training`), body-part pretraining
+(:mod:`mura_tune.train.pretrain`), ensemble prediction (:mod:`mura_tune.ensemble.predict`) and Grad-CAM
+(:mod:`mura_tune.report.cam`) all go through an :class:`Engine`, so a fix here reaches all four:
 
 * device choice (``auto``: CUDA when it is there), CPU thread count;
 * AMP (float16 autocast with a GradScaler) and channels_last memory layout, CUDA only;
@@ -27,7 +27,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from mura_tune.augment import Normalize, augment, to_unit
+from mura_tune.train.augment import Normalize, augment, to_unit
 
 #: ``loss_fn(logits, labels, weights) -> scalar loss`` (weights: per-image loss weights).
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

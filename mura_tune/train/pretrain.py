@@ -11,7 +11,7 @@ Only the ``train`` split is used: the experiment's own split table when it is gi
 :func:`mura_tune.data.split.assign_split` makes with ``--val-fraction`` and ``--seed`` (match the
 search's); the decoded cache is built from train paths only, and val/test images are never
 opened. A slice of the train patients (``HOLDOUT_FRACTION``) is held out to report an honest
-body-part accuracy. Training runs through :class:`mura_tune.engine.Engine` (CUDA when present).
+body-part accuracy. Training runs through :class:`mura_tune.train.engine.Engine` (CUDA when present).
 
     mura-tune pretrain --backbone densenet121 --epochs 2 --seed 3 --out weights/densenet121-bodypart.safetensors
     mura-tune train --set model=densenet121 --set unfreeze_blocks=1 \\
@@ -22,7 +22,7 @@ head is dropped) atomically to ``--out`` (``.safetensors`` or ``.pth``), beside 
 ``<stem>.images.parquet`` (the resolved paths of the exact images it was trained on) and, last,
 ``<stem>.json``: backbone, task, classes, the image list's sha256 and count, the split it came
 from, epochs, accuracy, device, timing. Loading such weights into a run checks that none of the
-run's val or test images is in that list (:func:`mura_tune.weights.check_weights_split`).
+run's val or test images is in that list (:func:`mura_tune.train.weights.check_weights_split`).
 ``pretrained: bodypart`` builds such weights once per (backbone, exact train image list, size)
 into ``$MURA_TUNE_HOME/weights`` (:func:`ensure_bodypart_weights`).
 """
@@ -44,14 +44,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mura_tune.config import CUSTOM_CNN, MODELS, TrainConfig
 from mura_tune.data.cache import ImageCache, build_cache
 from mura_tune.data.loader import SplitData, batch_loader
-from mura_tune.engine import Engine
+from mura_tune.data.mura import read_dataset
+from mura_tune.data.split import assign_split
 from mura_tune.errors import ConfigError, DataError
 from mura_tune.home import weights_dir
 from mura_tune.io import atomic_path, write_json, write_parquet
-from mura_tune.weights import WEIGHT_SUFFIXES, image_list_digest, images_file, resolved_paths
+from mura_tune.train.config import CUSTOM_CNN, MODELS, TrainConfig
+from mura_tune.train.engine import Engine
+from mura_tune.train.models import build_model
+from mura_tune.train.weights import (
+    WEIGHT_SUFFIXES,
+    image_list_digest,
+    images_file,
+    resolve_auto,
+    resolved_paths,
+)
 
 TASK = "body_part"
 #: Fraction of train *patients* held out of pretraining to measure body-part accuracy.
@@ -102,9 +111,6 @@ def train_table(
 ) -> pd.DataFrame:
     """The ``train`` rows of ``split_table``, or of ``data`` split as a search with this fraction and seed splits it."""
     if split_table is None:
-        from mura_tune.data.mura import read_dataset
-        from mura_tune.data.split import assign_split
-
         split_table = assign_split(read_dataset(data).table, val_fraction, split_seed)
     elif "split" not in split_table.columns:
         raise DataError("the split table given for pretraining has no 'split' column")
@@ -201,7 +207,7 @@ def pretrain_bodypart(
     """Train ``backbone`` as a body-part classifier on the train split; write its backbone weights.
 
     Args:
-        backbone: ``custom_cnn`` (default cell shape) or a timm backbone of :data:`~mura_tune.config.TIMM_BACKBONES`.
+        backbone: ``custom_cnn`` (default cell shape) or a timm backbone of :data:`~mura_tune.train.config.TIMM_BACKBONES`.
         data: dataset folder or manifest (None: the embedded synthetic set).
         out: ``.safetensors`` or ``.pth`` file for the backbone state dict; the image list and
             the description go beside it (``<stem>.images.parquet``, ``<stem>.json``).
@@ -251,9 +257,6 @@ def pretrain_bodypart(
         raise ConfigError(f"pretrain: {exc}") from None
     split_seed = seed if split_seed is None else split_seed
     if split_table is None:
-        from mura_tune.data.mura import read_dataset
-        from mura_tune.data.split import assign_split
-
         split_table = assign_split(read_dataset(data).table, val_fraction, split_seed)
         split_info = {"val_fraction": val_fraction, "seed": split_seed, **(split_info or {})}
     train = train_table(split_table=split_table)
@@ -277,8 +280,6 @@ def pretrain_bodypart(
     torch.manual_seed(seed)
     engine = Engine(device)
     engine.set_threads(threads)
-    from mura_tune.models import build_model
-
     body = build_model(config).backbone
     net = engine.model(BodyPartNet(body, body.num_features, len(classes)))
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
@@ -438,3 +439,36 @@ def ensure_bodypart_weights(
                 verbose=verbose,
             )
     return path
+
+
+def resolve_pretrained(model: str, pretrained: str, split_table, image_size: int, verbose: bool = True,
+                       split_info: dict | None = None) -> tuple[str, str | None]:
+    """Resolve ``auto`` and ``bodypart`` for one backbone, with the run's own split.
+
+    Args:
+        model: the backbone.
+        pretrained: the config's value.
+        split_table: the run's split manifest: ``bodypart`` weights are trained on its
+            ``train`` rows only.
+        image_size: input side the ``bodypart`` weights are trained at.
+        verbose: print what was chosen (stderr).
+        split_info: what is known about how ``split_table`` was made (seed, val_fraction, path),
+            recorded in the weights' provenance.
+
+    Returns:
+        ``(pretrained, weights_source)``: the value to train with, and the leaderboard label
+        (None: derived when the weights are loaded).
+    """
+    if pretrained == "auto":
+        return resolve_auto(model, verbose=verbose), None
+    if pretrained != "bodypart":
+        return pretrained, None
+    if model == CUSTOM_CNN:
+        raise ConfigError(
+            "pretrained: bodypart is for timm backbones (custom_cnn's cells are searched per trial); "
+            "use none, or a file written by `mura-tune pretrain --backbone custom_cnn` for the same cells"
+        )
+    path = ensure_bodypart_weights(model, split_table, image_size=image_size, verbose=verbose, split_info=split_info)
+    if verbose:
+        print(f"mura-tune: pretrained=bodypart -> {path}", file=sys.stderr)
+    return str(path), f"bodypart:{path.name}"

@@ -1,5 +1,5 @@
 """One training run: a config and a split manifest in, per-epoch metrics, the best checkpoint and
-its predictions out. Knows nothing about Ray; :mod:`mura_tune.tuning` only schedules it.
+its predictions out. Knows nothing about Ray; :mod:`mura_tune.search` only schedules it.
 
     mura-tune train --set model=custom_cnn --set max_epochs=3 --out results/one-run
 
@@ -13,7 +13,6 @@ Test metrics are stored but never used to choose anything.
 from __future__ import annotations
 
 import math
-import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,16 +23,17 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from mura_tune.config import TrainConfig
 from mura_tune.constants import METRIC
 from mura_tune.data.cache import ImageCache, build_cache
 from mura_tune.data.loader import SplitData, batch_loader
-from mura_tune.engine import Engine
 from mura_tune.errors import DataError
-from mura_tune.io import atomic_path, write_json, write_parquet
+from mura_tune.io import write_json, write_parquet
 from mura_tune.metrics import split_metrics
-from mura_tune.models import MuraNet, build_model, count_parameters
-from mura_tune.weights import check_weights_split, initial_backbone_state
+from mura_tune.train.checkpoint import save_checkpoint
+from mura_tune.train.config import TrainConfig
+from mura_tune.train.engine import Engine
+from mura_tune.train.models import MuraNet, build_model, count_parameters
+from mura_tune.train.weights import check_weights_split, initial_backbone_state
 
 #: Called once per epoch with (metrics, resumable state). Ray's adapter reports from here.
 EpochCallback = Callable[[dict, dict], None]
@@ -222,9 +222,7 @@ def run_training(
             test_frame = data.test.table.assign(prob=test_probs)
             best["test"] = split_metrics(test_frame, "test") if len(test_frame) else {}
             best["val"] = {k: v for k, v in metrics.items() if k.startswith("val_")}
-            with atomic_path(out / "best.pt", suffix=".pt") as tmp:
-                torch.save({"state_dict": net.state_dict(), "config": config.to_dict(), "epoch": epoch + 1,
-                            "metric": {config.select_metric: value}}, tmp)
+            save_checkpoint(out / "best.pt", net, config, epoch + 1, {config.select_metric: value})
             write_parquet(out / "predictions.parquet", pd.concat([val_frame, test_frame], ignore_index=True))
         metrics["epoch_seconds"] = time.time() - t0
         metrics["best_epoch"] = best["epoch"]
@@ -276,21 +274,3 @@ def _peak_gpu_memory_mb(device: str) -> float | None:
     if not device.startswith("cuda"):
         return None
     return round(torch.cuda.max_memory_allocated(torch.device(device)) / 2**20, 1)
-
-
-def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[MuraNet, TrainConfig]:
-    """Rebuild a model from ``best.pt`` (``weights_only=True``: no pickled code is executed)."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"checkpoint not found: {path}")
-    try:
-        blob = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError:
-        raise DataError(f"refusing checkpoint {path}: it holds pickled objects other than tensors "
-                        "(checkpoints are loaded with weights_only=True)") from None
-    except Exception as exc:
-        raise DataError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from None
-    config = TrainConfig.from_dict({**blob["config"], "pretrained": "none"}, source=str(path))
-    net = build_model(config)
-    net.load_state_dict(blob["state_dict"])
-    return net.eval(), config

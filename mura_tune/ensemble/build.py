@@ -13,7 +13,7 @@ Order of work (the test split is never read before every selection decision is m
 
 Example::
 
-    python -c "from mura_tune.ensemble_build import build_ensemble; build_ensemble('results/demo')"
+    python -c "from mura_tune.ensemble.build import build_ensemble; build_ensemble('results/demo')"
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mura_tune.candidates import (
+from mura_tune.constants import ERROR
+from mura_tune.ensemble.candidates import (
     GENERALIST,
     Candidate,
     SplitData,
@@ -33,12 +34,11 @@ from mura_tune.candidates import (
     load_split,
     read_candidates,
 )
-from mura_tune.constants import ERROR
-from mura_tune.ensemble import GreedyEnsemble, check_metric, maximise, score
+from mura_tune.ensemble.greedy import GreedyEnsemble, check_metric, maximise, score
 from mura_tune.errors import ConfigError, ExperimentError
-from mura_tune.evaluate import METRIC_NAMES, format_ci, score_studies
 from mura_tune.io import write_json, write_parquet
-from mura_tune.metrics import log_loss
+from mura_tune.metrics import METRIC_NAMES, format_ci, log_loss, score_studies
+from mura_tune.search.leaderboard import build_leaderboard
 
 RECIPE_SIZE = 5
 MODELS = {"ensemble": "ensemble", "best_single": "best single", "mura_recipe": "MURA recipe"}
@@ -348,8 +348,6 @@ def build_ensemble(
 
     if not (exp / "leaderboard.parquet").is_file() and (exp / "trials").is_dir():
         # A search killed before writing its leaderboard: build it from the trials' own files.
-        from mura_tune.leaderboard import build_leaderboard
-
         build_leaderboard(exp)
     _check_finished(exp)
     candidates, skipped = read_candidates(exp)

@@ -7,8 +7,8 @@ Three file shapes are accepted:
 * image-level Parquet/CSV with ``image_path`` and ``prob`` (averaged per study, the MURA rule);
 * study-level Parquet/CSV with ``study_id`` and ``prob`` (e.g. an ensemble's ``predictions.parquet``).
 
-:func:`score_studies` is the one scoring function: the ensemble report uses it too, so
-evaluating an ensemble's test predictions reproduces its ``report.json`` exactly.
+:func:`mura_tune.metrics.score_studies` is the one scoring function: the ensemble report uses it
+too, so evaluating an ensemble's test predictions reproduces its ``report.json`` exactly.
 
 Example::
 
@@ -18,76 +18,16 @@ Example::
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from mura_tune.errors import ConfigError, DataError
+from mura_tune.metrics import METRIC_NAMES, format_ci, score_studies
 
-METRIC_NAMES = ("kappa", "auc", "accuracy", "sensitivity", "specificity")
 ROOT_MARK = "MURA-v1.1/"
 EVAL_SPLITS = ("val", "test")
-
-
-def _num(x: float) -> float | None:
-    """A JSON-safe number: ``None`` where the metric is undefined."""
-    return float(x) if x is not None and math.isfinite(x) else None
-
-
-def _block(labels: np.ndarray, probs: np.ndarray, n_boot: int, seed: int) -> dict:
-    # scikit-learn takes seconds to import: only once there is something to score, so that a
-    # malformed predictions file is reported at once.
-    from mura_tune.metrics import binary_metrics, bootstrap_intervals
-
-    point = binary_metrics(labels, probs)
-    ci = bootstrap_intervals(labels, probs, n_boot=n_boot, seed=seed)
-    out: dict = {"n": int(len(labels)), "n_abnormal": int(np.sum(labels))}
-    for name in METRIC_NAMES:
-        out[name] = _num(point[name])
-        out[f"{name}_ci"] = [_num(ci[name][0]), _num(ci[name][1])]
-    return out
-
-
-def score_studies(
-    labels: np.ndarray, probs: np.ndarray, body_parts: np.ndarray, n_boot: int = 1000, seed: int = 0
-) -> dict:
-    """Overall and per-body-part study metrics with 95% bootstrap intervals over studies.
-
-    Args:
-        labels: ``(S,)`` study labels, studies in a fixed order (callers sort by ``study_id``).
-        probs: ``(S,)`` study probabilities (abnormal iff > 0.5).
-        body_parts: ``(S,)`` body part of each study.
-        n_boot: bootstrap resamples.
-        seed: seeds every bootstrap (the same seed for the overall and each part's figures).
-
-    Returns:
-        ``{"n_studies", "overall": block, "parts": {part: block}}`` where a block holds ``n``,
-        ``n_abnormal`` and, for kappa/auc/accuracy/sensitivity/specificity, the value and
-        ``<name>_ci`` = ``[low, high]`` (``None`` where undefined).
-    """
-    labels = np.asarray(labels).astype(np.int64)
-    probs = np.asarray(probs, dtype=np.float64)
-    parts = np.asarray(body_parts).astype(str)
-    out = {
-        "n_studies": int(labels.size),
-        "overall": _block(labels, probs, n_boot, seed),
-        "parts": {},
-    }
-    for part in sorted(set(parts.tolist())):
-        m = parts == part
-        out["parts"][part] = _block(labels[m], probs[m], n_boot, seed)
-    return out
-
-
-def format_ci(value: float | None, ci: list | tuple | None = None) -> str:
-    """``0.712 [0.660, 0.760]``, or ``n/a`` where undefined."""
-    if value is None:
-        return "n/a"
-    if ci is None or ci[0] is None:
-        return f"{value:.3f}"
-    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def format_table(result: dict) -> str:

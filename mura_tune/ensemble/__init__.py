@@ -1,0 +1,8 @@
+"""Stage 4, ensemble: choose checkpoints on val, route body parts, report on test, predict new data.
+
+``greedy.py`` (GreedyEnsemble, the algorithm), ``candidates.py`` (an experiment's trials as
+study-level probabilities, one split at a time), ``build.py`` (``build_ensemble``: selection on
+val, then test), ``predict.py`` (an ensemble on new images).
+
+May import: core, ``mura_tune.data``, ``mura_tune.train`` and ``mura_tune.search``; never report or cli.
+"""

@@ -1,0 +1,195 @@
+"""The Ray Tune adapter: the only module that imports Ray Tune.
+
+    mura-tune --space densenet_finetune                       # local Ray, embedded data
+    mura-tune --space custom_cnn --num-samples 50 --address auto --results /shared/results --preset gpu
+
+Trials run :func:`mura_tune.train.run.run_training` through ``tune.Tuner``, reporting once per epoch.
+Optuna's TPE (seeded, ``constant_liar`` so parallel trials do not duplicate) proposes
+configurations; ASHA stops weak trials at its rungs, and those reach Optuna as PRUNED. Every path
+is resolved here in the driver; trials write only below ``<results>/<name>/``, which must be a
+folder every node mounts (cloud URIs are refused).
+
+Failures: a trial that raises, diverges or runs out of memory is ERROR (FAIL in Optuna, never a
+score); a trial whose node dies is retried (``--max-failures``) from its own ``resume.pt``;
+Ctrl-C or SIGTERM stops cleanly (exit 130, the resume command printed); after a SIGKILL,
+``--resume`` restarts unfinished trials from their ``resume.pt``, keeps finished ones untouched
+and re-queues in Optuna what the dead driver had started but Ray had not recorded. Test hook:
+``MURA_TUNE_FAULT`` (see :func:`_fault`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+from mura_tune.constants import METRIC, MODE
+from mura_tune.errors import ConfigError, ExperimentError
+from mura_tune.search.leaderboard import build_leaderboard, format_leaderboard, read_ray_state
+from mura_tune.search.plan import SearchPlan, resume_command
+from mura_tune.search.prepare import prepare_experiment
+from mura_tune.search.recovery import ORPHANED_DIR, _drop_resume_states, recover_scope, scope_done
+from mura_tune.search.searcher import make_scheduler, make_searcher
+from mura_tune.search.spaces import get_space
+from mura_tune.search.trainable import _trainable, trial_dirname, trial_name
+
+REPORT_COLUMNS = [METRIC, "val_auc", "val_loss", "train_loss", "epoch"]
+
+
+def init_ray(address: str | None):
+    """Start a private local Ray (no ``--address``) or join the cluster at ``address`` (``auto`` or HOST:PORT).
+
+    Without ``--address`` (and without ``$RAY_ADDRESS``) Ray is started locally: plain
+    ``ray.init()`` would silently join whatever cluster ``/tmp/ray/ray_current_cluster`` names.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return
+    if address is None:  # a local Ray binds 127.0.0.1
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    try:
+        ray.init(
+            address=address or os.environ.get("RAY_ADDRESS") or "local",
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level="ERROR",
+            configure_logging=True,
+        )
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        raise ConfigError(
+            f"--address {address}: cannot connect to a Ray cluster ({str(exc).splitlines()[0]})"
+        ) from None
+
+
+
+def _run_scope(plan: SearchPlan, scope: str, resume: bool):
+    from ray import tune
+
+    ray_dir = plan.ray_dir(scope)
+    trainable = _trainable(plan, scope)
+    if resume and tune.Tuner.can_restore(str(ray_dir)) and read_ray_state(ray_dir) is not None:
+        tuner = tune.Tuner.restore(
+            str(ray_dir), trainable=trainable, resume_unfinished=True, resume_errored=False
+        )
+        return tuner.fit()
+    return build_tuner(plan, scope, trainable).fit()
+
+
+def build_tuner(plan: SearchPlan, scope: str, trainable=None, callbacks=(), verbose: int = 1, **tune_config):
+    """The ``tune.Tuner`` of one scope; extra ``TuneConfig`` fields (e.g. ``time_budget_s``) for benchmarks."""
+    from ray import tune
+
+    ray_dir = plan.ray_dir(scope)
+    space = get_space(plan.space)
+    searcher = make_searcher(plan, scope, space.sampler_fn(plan.preset))
+    reporter = tune.CLIReporter(
+        metric_columns=REPORT_COLUMNS,
+        parameter_columns=_report_params(space, plan),
+        max_report_frequency=30,
+        sort_by_metric=True,
+        metric=METRIC,
+        mode=MODE,
+    )
+    return tune.Tuner(
+        trainable or _trainable(plan, scope),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=make_scheduler(plan),
+            num_samples=plan.scopes[scope],
+            max_concurrent_trials=plan.max_concurrent,
+            trial_name_creator=trial_name,
+            trial_dirname_creator=trial_dirname,
+            # One actor process runs trial after trial: its imports, torch threads and memory-mapped
+            # cache are set up once, not per trial (benchmarks/bench_ray.py: ~9 s -> ~0.3 s per trial
+            # here). A trial that errors or loses its node gets a fresh actor.
+            reuse_actors=True,
+            **tune_config,
+        ),
+        run_config=tune.RunConfig(
+            name=ray_dir.name,
+            storage_path=str(ray_dir.parent),
+            # A retried trial (error, lost node) continues from its resume.pt.
+            failure_config=tune.FailureConfig(max_failures=plan.max_failures),
+            progress_reporter=reporter,
+            callbacks=list(callbacks),
+            verbose=verbose,
+        ),
+    )
+
+
+def _report_params(space, plan) -> list[str]:
+    return sorted(space.dimensions())[:4]
+
+
+
+def run_search(args, plan: SearchPlan) -> int:
+    """`mura-tune --space ...`: prepare (or resume) ``plan``, run every scope, write and print the leaderboard.
+
+    Ctrl-C (SIGINT) or SIGTERM stops the search cleanly: Ray saves its state, the leaderboard of
+    what finished is written and the command prints how to resume; the exit code is 130.
+    """
+    if not args.resume:
+        # A folder holding only what an interrupted preparation wrote (no experiment.json yet) is reused.
+        leftovers = {p.name for p in Path(plan.exp_dir).glob("[!.]*")} - {
+            "split.parquet",
+            "skipped_images.parquet",
+        }
+        if leftovers:
+            raise ExperimentError(
+                f"experiment {plan.exp_dir} already exists; pass --resume to continue it or choose another --name"
+            )
+        prepare_experiment(plan, args.val_fraction)
+        plan.save()
+    print(
+        f"mura-tune: experiment {plan.exp_dir} ({', '.join(f'{s}: {n} trials' for s, n in plan.scopes.items())})"
+    )
+    init_ray(plan.address)
+    interrupted = False
+    previous_term = _forward_sigterm()
+    try:
+        for scope in plan.scopes:
+            if args.resume:
+                if scope_done(plan, scope):
+                    continue
+                moved, requeued = recover_scope(plan, scope)
+                if moved or requeued:
+                    print(
+                        f"mura-tune: {scope}: {requeued} trial(s) the stopped driver had started but Ray had not "
+                        f"recorded will run again with the same parameters (old folders: {Path(plan.exp_dir) / ORPHANED_DIR})"
+                    )
+            _run_scope(plan, scope, resume=args.resume)
+            if not scope_done(plan, scope):
+                interrupted = True
+                break
+            _drop_resume_states(plan, scope)
+    except KeyboardInterrupt:  # a second Ctrl-C: Ray may not have saved its very latest state
+        interrupted = True
+    finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
+    try:
+        board = build_leaderboard(plan.exp_dir)
+        print(format_leaderboard(board, top=5))
+        print(f"wrote {Path(plan.exp_dir) / 'leaderboard.parquet'}")
+    except ExperimentError as exc:  # interrupted before any trial started
+        print(f"mura-tune: {exc}", file=sys.stderr)
+    print(f"experiment folder: {plan.exp_dir}  (Optuna study: {Path(plan.exp_dir) / 'optuna.db'})")
+    if interrupted:
+        print(
+            f"mura-tune: interrupted; finished trials are kept. Resume with: {resume_command(plan)}",
+            file=sys.stderr,
+        )
+        return 130
+    return 0
+
+
+def _forward_sigterm():
+    """Treat SIGTERM (cluster schedulers, ``kill``) like Ctrl-C, so Ray saves its state and stops cleanly."""
+    try:
+        return signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    except ValueError:  # not the main thread
+        return None

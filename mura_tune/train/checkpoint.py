@@ -1,0 +1,42 @@
+"""A trained model on disk: ``best.pt``, written and read without pickled code.
+
+``best.pt`` holds ``{"state_dict", "config", "epoch", "metric"}`` (tensors and plain values only),
+so it loads with ``torch.load(weights_only=True)``: a file that would run code is refused.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from mura_tune.errors import DataError
+from mura_tune.io import atomic_path
+from mura_tune.train.config import TrainConfig
+from mura_tune.train.models import MuraNet, build_model
+
+
+def save_checkpoint(path: str | Path, net: torch.nn.Module, config: TrainConfig, epoch: int, metric: dict) -> Path:
+    """Write ``best.pt`` atomically: the model's state dict, its config, the epoch and the metric it was chosen by."""
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save({"state_dict": net.state_dict(), "config": config.to_dict(), "epoch": epoch, "metric": metric}, tmp)
+    return Path(path)
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[MuraNet, TrainConfig]:
+    """Rebuild a model from ``best.pt`` (``weights_only=True``: no pickled code is executed)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"checkpoint not found: {path}")
+    try:
+        blob = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise DataError(f"refusing checkpoint {path}: it holds pickled objects other than tensors "
+                        "(checkpoints are loaded with weights_only=True)") from None
+    except Exception as exc:
+        raise DataError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from None
+    config = TrainConfig.from_dict({**blob["config"], "pretrained": "none"}, source=str(path))
+    net = build_model(config)
+    net.load_state_dict(blob["state_dict"])
+    return net.eval(), config
