@@ -1,10 +1,10 @@
 """``search_efficiency``: TPE+ASHA vs random search without early stopping, equal wall-clock budgets.
 
-Both arms are the real search path of :mod:`mura_tune.search.driver` (``plan_search`` from the
-command line's own argument parser, ``prepare_experiment``, the same trainable, searcher and
-scheduler); the only addition is Ray Tune's ``TuneConfig(time_budget_s=...)``, which the
-command line does not expose. A Tune callback records, in the driver, the wall time of every
-epoch's ``val_kappa_study``. Every reported epoch counts (each one could be the checkpoint a
+Both arms are the real search through the Python API (:class:`~mura_tune.search.plan.SearchPlan`
+and :func:`~mura_tune.search.driver.run_search`: the same preparation, trainable, searcher and
+scheduler as ``mura-tune --space``), with a wall-clock budget (``time_budget_s``, the CLI's
+``--time-budget``). A Ray Tune callback passed to ``run_search`` records, in the driver, the wall
+time of every epoch's ``val_kappa_study``. Every reported epoch counts (each one could be the checkpoint a
 trial keeps), in both arms alike.
 
 Per seed (the seed sets the split and both samplers) and arm: the best val study kappa within
@@ -52,18 +52,17 @@ def run(
     """
     import ray
 
-    from mura_tune.search import driver as tuning
+    from mura_tune.search.driver import init_ray
 
     embedded_cache(image_size)
     root = WORK / "search"
     shutil.rmtree(root, ignore_errors=True)
-    tuning.init_ray(None)
+    init_ray(None)
     runs: dict[str, dict[int, dict]] = {arm: {} for arm in ARMS}
     try:
         for i, seed in enumerate(seeds):
             for arm in ARMS if i % 2 == 0 else ARMS[::-1]:
                 runs[arm][seed] = _search(
-                    tuning,
                     root,
                     arm,
                     seed,
@@ -108,7 +107,7 @@ def run(
                          for s in seeds} for arm in ARMS},
     }  # fmt: skip
     notes = (
-        f"Equal wall-clock budgets of {budget_s:g} s per search (Ray's time_budget_s; the CLI has no such flag), "
+        f"Equal wall-clock budgets of {budget_s:g} s per search (Ray's time_budget_s: SearchPlan.time_budget_s, --time-budget), "
         f"{len(seeds)} seeds, custom_cnn space at {image_size} px on the embedded data, {cpus_per_trial} CPU per "
         f"trial, max {max_epochs} epochs (ASHA grace 1, reduction {reduction_factor}). ratio = median over seeds of the time "
         f"TPE+ASHA needs to reach random search's final best / the time random search needs. Val kappa on a "
@@ -133,7 +132,6 @@ def run(
 
 
 def _search(
-    tuning,
     root,
     arm: str,
     seed: int,
@@ -145,52 +143,34 @@ def _search(
     reduction_factor: int,
     max_concurrent: int | None,
 ) -> dict:
-    from mura_tune.cli import build_parser
+    from mura_tune.search.driver import run_search
+    from mura_tune.search.plan import SearchPlan
 
-    argv = [
-        "search",
-        "--space",
-        "custom_cnn",
-        "--preset",
-        "cpu",
-        "--num-samples",
-        str(num_samples),
-        "--max-epochs",
-        str(max_epochs),
-        "--results",
-        str(root),
-        "--name",
-        f"{arm}-seed{seed}",
-        "--cpus-per-trial",
-        str(cpus_per_trial),
-        "--grace-period",
-        "1",
-        "--reduction-factor",
-        str(reduction_factor),
-        "--seed",
-        str(seed),
-        "--set",
-        f"image_size={image_size}",
-    ]
-    if max_concurrent:
-        argv += ["--max-concurrent", str(max_concurrent)]
-    if arm == "random":
-        argv.append("--random-search")
-    args = build_parser().parse_args(argv)
-    plan = tuning.plan_search(args)
-    tuning.prepare_experiment(plan, args.val_fraction)
-    plan.save()
+    plan = SearchPlan(
+        space="custom_cnn",
+        preset="cpu",
+        num_samples=num_samples,
+        max_epochs=max_epochs,
+        results=str(root),
+        name=f"{arm}-seed{seed}",
+        cpus_per_trial=cpus_per_trial,
+        grace_period=1,
+        reduction_factor=reduction_factor,
+        seed=seed,
+        overrides={"image_size": image_size},
+        max_concurrent=max_concurrent,
+        random_search=arm == "random",
+        time_budget_s=budget_s,
+    )
     recorder = _recorder()
-    started = time.time()
-    recorder.t0 = started
-    tuning.build_tuner(plan, "all", callbacks=[recorder], verbose=0, time_budget_s=budget_s).fit()
+    run_search(plan, callbacks=[recorder], verbose=0)
     events = recorder.events
     return {
         "events": events,
         "best": max((v for _, _, v in events), default=float("nan")),
         "trials": len({tid for _, tid, _ in events}),
         "epochs": len(events),
-        "seconds": round(time.time() - started, 1),
+        "seconds": round(recorder.seconds, 1),
     }
 
 
@@ -204,7 +184,14 @@ def _recorder():
 
         def __init__(self):
             self.t0 = time.time()
+            self.seconds = 0.0
             self.events: list[tuple[float, str, float]] = []
+
+        def setup(self, **info):  # the clock starts when Ray Tune does (after the split and cache)
+            self.t0 = time.time()
+
+        def on_experiment_end(self, trials, **info):
+            self.seconds = time.time() - self.t0
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             value = result.get(METRIC)

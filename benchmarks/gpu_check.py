@@ -153,19 +153,23 @@ def _pretrain(table, args, results: Path) -> dict:
 
 def _search(table, args, results: Path) -> dict:
     """4 trials with half a GPU each (half a CPU with ``--device cpu``): did two run at once?"""
-    from mura_tune.cli import main as cli_main
+    from mura_tune.search.driver import run_search
+    from mura_tune.search.plan import SearchPlan
 
     manifest = results / "manifest.parquet"  # the (sampled) images, re-split by the search as usual
     table.drop(columns="split").to_parquet(manifest, index=False)
     cuda = args.device.startswith("cuda")
-    argv = ["search", "--space", "custom_cnn", "--data", str(manifest), "--results", str(results), "--name", "search",
-            "--num-samples", str(SEARCH_TRIALS), "--max-epochs", str(args.search_epochs), "--preset", "cpu",
-            "--gpus-per-trial", "0.5" if cuda else "0", "--random-search",
-            "--set", f"image_size={args.search_image_size}", "--set", f"device={'auto' if cuda else args.device}"]
-    if not cuda:
-        argv += ["--cpus-per-trial", "0.5"]
+    plan = SearchPlan(
+        space="custom_cnn", data=str(manifest), results=str(results), name="search", preset="cpu",
+        num_samples=SEARCH_TRIALS, max_epochs=args.search_epochs, random_search=True,
+        # Two at a time, as 0.5 GPU each allows. With a searcher, Ray Tune starts one trial's actor
+        # at a time unless max_concurrent is set: short trials would then never overlap.
+        max_concurrent=2,
+        gpus_per_trial=0.5 if cuda else 0.0, cpus_per_trial=None if cuda else 0.5,
+        overrides={"image_size": args.search_image_size, "device": "auto" if cuda else args.device},
+    )  # fmt: skip
     start = time.perf_counter()
-    code = cli_main(argv)
+    result = run_search(plan, verbose=0)
     seconds = time.perf_counter() - start
     trials = []
     for trial_dir in sorted((results / "search" / "trials").glob("*")):
@@ -176,7 +180,7 @@ def _search(table, args, results: Path) -> dict:
             "trial_id": trial_dir.name, "start": meta["attempts"][-1]["started"], "end": summary_path.stat().st_mtime,
             "device": summary["device"], "peak_gpu_memory_mb": summary.get("peak_gpu_memory_mb"),
         })  # fmt: skip
-    return {"exit_code": code, "seconds": seconds, "trials": trials, "max_concurrent_trials": most_at_once(trials)}
+    return {"exit_code": result.exit_code, "seconds": seconds, "trials": trials, "max_concurrent_trials": most_at_once(trials)}
 
 
 def most_at_once(trials: list[dict]) -> int:

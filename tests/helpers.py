@@ -77,4 +77,4 @@ def search_plan(exp: Path, **fields):
         scopes={"all": 4}, split_path=str(exp / "split.parquet"), data=None, max_failures=0, strict=False,
         random_search=False,
     )  # fmt: skip
-    return SearchPlan(**{**defaults, **fields})
+    return SearchPlan.from_dict({**defaults, **fields})

@@ -106,3 +106,20 @@ def test_every_stage_says_its_job_and_what_it_may_import():
     for name in STAGES:
         doc = ast.get_docstring(ast.parse((PACKAGE / name / "__init__.py").read_text())) or ""
         assert "May import" in doc or "may import" in doc, name
+
+
+def test_public_api_loads_lazily_and_completely():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mura_tune\n"
+        "assert not {'torch', 'ray'} & set(sys.modules), 'import mura_tune imported torch or Ray'\n"
+        "assert set(mura_tune.__all__) == {'__version__', *mura_tune._API}\n"
+        "for name in mura_tune.__all__: getattr(mura_tune, name)\n"
+        "print(mura_tune.SearchPlan.__module__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=PACKAGE.parent)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "mura_tune.search.plan"

@@ -231,7 +231,7 @@ def test_gpu_check_runs_every_path_on_cpu(tiny_data, ray_session, tmp_path, caps
 
     out = tmp_path / "gpu_check.json"
     code = gpu_check.main(["--device", "cpu", "--data", str(tiny_data), "--image-size", str(SIZE), "--max-images", "32",
-                           "--batch-size", "16", "--search-image-size", str(SIZE), "--search-epochs", "1",
+                           "--batch-size", "16", "--search-image-size", str(SIZE), "--search-epochs", "2",
                            "--results", str(tmp_path / "results"), "--out", str(out)])  # fmt: skip
     report = json.loads(out.read_text())
     assert code == 0 and report["ok"], report["checks"]

@@ -150,12 +150,33 @@ def pretrain(args) -> int:
 
 # --- search -------------------------------------------------------------------------------------
 def search(args) -> int:
-    from mura_tune.search.plan import _load_for_resume, plan_search
+    from dataclasses import fields
 
-    plan = _load_for_resume(args) if args.resume else plan_search(args)  # every flag checked first
+    from mura_tune.search.plan import SearchPlan
+    from mura_tune.train.config import parse_overrides
+
+    if args.resume:
+        plan = SearchPlan.for_resume(args.results, args.name, args.space, address=args.address)
+    else:  # the plan checks every flag before torch or Ray is imported
+        names = {f.name for f in fields(SearchPlan) if f.init} - {"overrides"}
+        plan = SearchPlan(**{k: v for k, v in vars(args).items() if k in names}, overrides=parse_overrides(args.set))
     from mura_tune.search.driver import run_search
+    from mura_tune.search.leaderboard import format_leaderboard
 
-    return run_search(args, plan)
+    result = run_search(plan, resume=args.resume)
+    exp = Path(plan.exp_dir)
+    if result.leaderboard is not None:
+        print(format_leaderboard(result.leaderboard, top=5))
+        paths_written(exp / "leaderboard.parquet")
+    else:
+        print(f"mura-tune: {result.note}", file=sys.stderr)
+    print(f"experiment folder: {exp}  (Optuna study: {exp / 'optuna.db'})")
+    if result.interrupted:
+        print(f"mura-tune: interrupted; finished trials are kept. Resume with: {plan.resume_command()}", file=sys.stderr)
+    elif result.budget_reached:
+        print(f"mura-tune: the time budget of {plan.time_budget_s:g} s ran out; finished trials are kept. "
+              f"Continue with: {plan.resume_command()}", file=sys.stderr)
+    return result.exit_code
 
 
 def spaces(args) -> int:

@@ -12,6 +12,8 @@ import argparse
 from typing import NoReturn
 
 from mura_tune.constants import VERSION as __version__
+from mura_tune.errors import Range
+from mura_tune.search.plan import RULES
 
 
 class Parser(argparse.ArgumentParser):
@@ -21,30 +23,23 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"mura-tune: error: {message} (see `{self.prog} --help`)\n")
 
 
-def number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False,
-           high_open: bool = False):
-    """An argparse ``type`` that parses ``kind`` and checks the range, stating the rule and the value."""
-    lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
-    hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
-    if low is not None and high is not None:
-        rule = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-    else:
-        rule = lo or hi
-    what = "an integer" if kind is int else "a number"
+def flag(rule: Range):
+    """An argparse ``type`` that parses a number by ``rule``; its error states the rule and the value."""
 
     def parse(text: str):
         try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what} {rule}, got {text!r}") from None
-        too_low = low is not None and (value <= low if low_open else value < low)
-        too_high = high is not None and (value >= high if high_open else value > high)
-        if too_low or too_high or value != value:  # nan fails every rule
-            raise argparse.ArgumentTypeError(f"must be {what} {rule}, got {text}")
-        return value
+            return rule.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
-    parse.__name__ = f"{kind.__name__} {rule}"
+    parse.__name__ = rule.text
     return parse
+
+
+def number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False,
+           high_open: bool = False):
+    """:func:`flag` of a rule written in place (flags the library does not check itself)."""
+    return flag(Range(kind, low, high, low_open, high_open))
 
 
 POSITIVE_INT = number(int, 1)
@@ -157,28 +152,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_search_args(p: argparse.ArgumentParser) -> None:
+    """The flags of a search: one per :class:`~mura_tune.search.plan.SearchPlan` field (same name),
+    numbers parsed by the plan's own rules (:data:`~mura_tune.search.plan.RULES`)."""
     p.add_argument("--space", required=True, help="a registered space (see `mura-tune spaces`) or path/to/space.py")
     _data_arg(p)
-    p.add_argument("--num-samples", type=POSITIVE_INT, default=None, help="trials (default: the space's preset)")
-    p.add_argument("--max-epochs", type=POSITIVE_INT, default=None, help="ASHA max_t (default: the space's preset)")
-    p.add_argument("--grace-period", type=POSITIVE_INT, default=1)
-    p.add_argument("--reduction-factor", type=number(float, 1, low_open=True), default=2)
-    p.add_argument("--max-concurrent", type=POSITIVE_INT, default=None, help="default: what the resources allow")
-    p.add_argument("--gpus-per-trial", type=number(float, 0), default=None, help="fractions allowed; default 1 if CUDA, else 0")
-    p.add_argument("--cpus-per-trial", type=number(float, 0, low_open=True), default=None, help="default: all cores on CPU, 4 with a GPU")
+    p.add_argument("--num-samples", type=flag(RULES["num_samples"]), default=None, help="trials (default: the space's preset)")
+    p.add_argument("--max-epochs", type=flag(RULES["max_epochs"]), default=None, help="ASHA max_t (default: the space's preset)")
+    p.add_argument("--grace-period", type=flag(RULES["grace_period"]), default=1)
+    p.add_argument("--reduction-factor", type=flag(RULES["reduction_factor"]), default=2)
+    p.add_argument("--max-concurrent", type=flag(RULES["max_concurrent"]), default=None, help="default: what the resources allow")
+    p.add_argument("--gpus-per-trial", type=flag(RULES["gpus_per_trial"]), default=None, help="fractions allowed; default 1 if CUDA, else 0")
+    p.add_argument("--cpus-per-trial", type=flag(RULES["cpus_per_trial"]), default=None, help="default: all cores on CPU, 4 with a GPU")
+    p.add_argument("--time-budget", dest="time_budget_s", type=flag(RULES["time_budget_s"]), default=None, metavar="SECONDS",
+                   help="stop each scope's search after this many seconds (Ray Tune's time_budget_s); finished trials are kept")
     p.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT")
     p.add_argument("--results", default="results", help="experiment storage (a folder shared by all nodes)")
     p.add_argument("--name", help="experiment name (default: <space>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted experiment --name")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=flag(RULES["seed"]), default=0)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--body-part", help="specialist search on one part (e.g. XR_WRIST)")
     g.add_argument("--specialists", action="store_true", help="generalist search plus one search per body part")
-    p.add_argument("--specialist-samples", type=POSITIVE_INT, default=None, help="trials per body part with --specialists")
+    p.add_argument("--specialist-samples", type=flag(RULES["specialist_samples"]), default=None, help="trials per body part with --specialists")
     p.add_argument("--preset", choices=["cpu", "gpu"], default=None, help="default: gpu if CUDA is visible, else cpu")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="fix a config field for every trial")
-    p.add_argument("--max-failures", type=number(int, 0), default=2, help="retries of a failed trial from its last checkpoint")
-    p.add_argument("--val-fraction", type=FRACTION, default=0.2)
+    p.add_argument("--max-failures", type=flag(RULES["max_failures"]), default=2, help="retries of a failed trial from its last checkpoint")
+    p.add_argument("--val-fraction", type=flag(RULES["val_fraction"]), default=0.2)
     p.add_argument("--strict", action="store_true", help="fail on unreadable images instead of skipping them")
     p.add_argument("--random-search", action="store_true", help="baseline: random sampling and no early stopping")
 

@@ -1,33 +1,36 @@
-"""The Ray Tune adapter: the only module that imports Ray Tune.
+"""Running a search: Ray started or joined, one Ray Tune run per scope, signals, the result.
 
-    mura-tune --space densenet_finetune                       # local Ray, embedded data
-    mura-tune --space custom_cnn --num-samples 50 --address auto --results /shared/results --preset gpu
+    from mura_tune import SearchPlan, run_search
+    result = run_search(SearchPlan(space="custom_cnn", num_samples=8))   # = mura-tune --space custom_cnn --num-samples 8
 
 Trials run :func:`mura_tune.train.run.run_training` through ``tune.Tuner``, reporting once per epoch.
 Optuna's TPE (seeded, ``constant_liar`` so parallel trials do not duplicate) proposes
 configurations; ASHA stops weak trials at its rungs, and those reach Optuna as PRUNED. Every path
-is resolved here in the driver; trials write only below ``<results>/<name>/``, which must be a
-folder every node mounts (cloud URIs are refused).
+is resolved in the driver; trials write only below ``<results>/<name>/``, which must be a folder
+every node mounts (cloud URIs are refused).
 
 Failures: a trial that raises, diverges or runs out of memory is ERROR (FAIL in Optuna, never a
-score); a trial whose node dies is retried (``--max-failures``) from its own ``resume.pt``;
-Ctrl-C or SIGTERM stops cleanly (exit 130, the resume command printed); after a SIGKILL,
-``--resume`` restarts unfinished trials from their ``resume.pt``, keeps finished ones untouched
-and re-queues in Optuna what the dead driver had started but Ray had not recorded. Test hook:
-``MURA_TUNE_FAULT`` (see :func:`_fault`).
+score); a trial whose node dies is retried (``max_failures``) from its own ``resume.pt``;
+Ctrl-C or SIGTERM stops cleanly (the result says so; the CLI exits 130 with the resume command);
+after a SIGKILL, ``--resume`` restarts unfinished trials from their ``resume.pt``, keeps finished
+ones untouched and re-queues in Optuna what the dead driver had started but Ray had not recorded.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+import pandas as pd
 
 from mura_tune.constants import METRIC, MODE
 from mura_tune.errors import ConfigError, ExperimentError
-from mura_tune.search.leaderboard import build_leaderboard, format_leaderboard, read_ray_state
-from mura_tune.search.plan import SearchPlan, resume_command
+from mura_tune.search.leaderboard import build_leaderboard, read_ray_state
+from mura_tune.search.plan import SearchPlan
 from mura_tune.search.prepare import prepare_experiment
 from mura_tune.search.recovery import ORPHANED_DIR, _drop_resume_states, recover_scope, scope_done
 from mura_tune.search.searcher import make_scheduler, make_searcher
@@ -66,21 +69,31 @@ def init_ray(address: str | None):
 
 
 
-def _run_scope(plan: SearchPlan, scope: str, resume: bool):
+def _run_scope(plan: SearchPlan, scope: str, resume: bool, stop, callbacks, verbose: int):
     from ray import tune
 
     ray_dir = plan.ray_dir(scope)
     trainable = _trainable(plan, scope)
     if resume and tune.Tuner.can_restore(str(ray_dir)) and read_ray_state(ray_dir) is not None:
+        # A restored run keeps the stop criteria and callbacks it was started with.
         tuner = tune.Tuner.restore(
             str(ray_dir), trainable=trainable, resume_unfinished=True, resume_errored=False
         )
         return tuner.fit()
-    return build_tuner(plan, scope, trainable).fit()
+    return build_tuner(plan, scope, trainable, stop=stop, callbacks=callbacks, verbose=verbose).fit()
 
 
-def build_tuner(plan: SearchPlan, scope: str, trainable=None, callbacks=(), verbose: int = 1, **tune_config):
-    """The ``tune.Tuner`` of one scope; extra ``TuneConfig`` fields (e.g. ``time_budget_s``) for benchmarks."""
+def build_tuner(plan: SearchPlan, scope: str, trainable=None, stop=None, callbacks=(), verbose: int = 1):
+    """The ``tune.Tuner`` of one scope (``plan.time_budget_s`` is Ray's ``TuneConfig(time_budget_s=...)``).
+
+    Args:
+        plan: the search.
+        scope: ``"all"`` or a body part.
+        trainable: the trainable (default: this scope's).
+        stop: extra Ray Tune stop criteria (a dict, a ``Stopper`` or a function), as ``RunConfig(stop=...)``.
+        callbacks: extra Ray Tune callbacks (e.g. recording every reported result).
+        verbose: Ray Tune's verbosity (0: silent, 1: the progress table).
+    """
     from ray import tune
 
     ray_dir = plan.ray_dir(scope)
@@ -107,7 +120,7 @@ def build_tuner(plan: SearchPlan, scope: str, trainable=None, callbacks=(), verb
             # cache are set up once, not per trial (benchmarks/bench_ray.py: ~9 s -> ~0.3 s per trial
             # here). A trial that errors or loses its node gets a fresh actor.
             reuse_actors=True,
-            **tune_config,
+            time_budget_s=plan.time_budget_s,
         ),
         run_config=tune.RunConfig(
             name=ray_dir.name,
@@ -115,6 +128,7 @@ def build_tuner(plan: SearchPlan, scope: str, trainable=None, callbacks=(), verb
             # A retried trial (error, lost node) continues from its resume.pt.
             failure_config=tune.FailureConfig(max_failures=plan.max_failures),
             progress_reporter=reporter,
+            stop=stop,
             callbacks=list(callbacks),
             verbose=verbose,
         ),
@@ -126,13 +140,45 @@ def _report_params(space, plan) -> list[str]:
 
 
 
-def run_search(args, plan: SearchPlan) -> int:
-    """`mura-tune --space ...`: prepare (or resume) ``plan``, run every scope, write and print the leaderboard.
+@dataclass
+class SearchResult:
+    """How a search ended: its leaderboard (None if no trial started) and whether it finished."""
 
-    Ctrl-C (SIGINT) or SIGTERM stops the search cleanly: Ray saves its state, the leaderboard of
-    what finished is written and the command prints how to resume; the exit code is 130.
+    plan: SearchPlan
+    leaderboard: pd.DataFrame | None
+    interrupted: bool = False  # Ctrl-C, SIGTERM or a driver stopped early: resume with plan.resume_command()
+    budget_reached: bool = False  # plan.time_budget_s ran out before every planned trial ended
+    note: str | None = None  # why there is no leaderboard
+
+    @property
+    def exit_code(self) -> int:
+        """130 when interrupted (as a shell reports Ctrl-C), else 0."""
+        return 130 if self.interrupted else 0
+
+
+def run_search(
+    plan: SearchPlan, *, resume: bool = False, stop=None, callbacks: Sequence = (), verbose: int = 1
+) -> SearchResult:
+    """Prepare ``plan`` (or resume it), run every scope, and build the leaderboard.
+
+    Args:
+        plan: the search (:class:`~mura_tune.search.plan.SearchPlan`; for ``resume``,
+            :meth:`~mura_tune.search.plan.SearchPlan.for_resume`).
+        resume: continue the interrupted experiment ``plan`` describes.
+        stop: extra Ray Tune stop criteria for every scope (``RunConfig(stop=...)``).
+        callbacks: extra Ray Tune callbacks for every scope (a resumed run keeps its own).
+        verbose: Ray Tune's verbosity (0: no progress table).
+
+    Returns:
+        The :class:`SearchResult`; ``leaderboard.parquet`` is written in the experiment folder.
+
+    Raises:
+        ExperimentError: a new search's folder already holds an experiment.
+
+    Ctrl-C (SIGINT) or SIGTERM stops the search cleanly: Ray saves its state and the result is
+    ``interrupted``; the leaderboard of what finished is written.
     """
-    if not args.resume:
+    if not resume:
         # A folder holding only what an interrupted preparation wrote (no experiment.json yet) is reused.
         leftovers = {p.name for p in Path(plan.exp_dir).glob("[!.]*")} - {
             "split.parquet",
@@ -142,17 +188,17 @@ def run_search(args, plan: SearchPlan) -> int:
             raise ExperimentError(
                 f"experiment {plan.exp_dir} already exists; pass --resume to continue it or choose another --name"
             )
-        prepare_experiment(plan, args.val_fraction)
+        prepare_experiment(plan)
         plan.save()
     print(
         f"mura-tune: experiment {plan.exp_dir} ({', '.join(f'{s}: {n} trials' for s, n in plan.scopes.items())})"
     )
     init_ray(plan.address)
-    interrupted = False
+    interrupted = budget_reached = False
     previous_term = _forward_sigterm()
     try:
         for scope in plan.scopes:
-            if args.resume:
+            if resume:
                 if scope_done(plan, scope):
                     continue
                 moved, requeued = recover_scope(plan, scope)
@@ -161,30 +207,24 @@ def run_search(args, plan: SearchPlan) -> int:
                         f"mura-tune: {scope}: {requeued} trial(s) the stopped driver had started but Ray had not "
                         f"recorded will run again with the same parameters (old folders: {Path(plan.exp_dir) / ORPHANED_DIR})"
                     )
-            _run_scope(plan, scope, resume=args.resume)
-            if not scope_done(plan, scope):
+            started = time.monotonic()
+            _run_scope(plan, scope, resume, stop, callbacks, verbose)
+            if scope_done(plan, scope):
+                _drop_resume_states(plan, scope)
+            elif plan.time_budget_s and time.monotonic() - started >= plan.time_budget_s:
+                budget_reached = True  # unfinished trials keep their resume.pt: --resume continues
+            else:
                 interrupted = True
                 break
-            _drop_resume_states(plan, scope)
     except KeyboardInterrupt:  # a second Ctrl-C: Ray may not have saved its very latest state
         interrupted = True
     finally:
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)
     try:
-        board = build_leaderboard(plan.exp_dir)
-        print(format_leaderboard(board, top=5))
-        print(f"wrote {Path(plan.exp_dir) / 'leaderboard.parquet'}")
-    except ExperimentError as exc:  # interrupted before any trial started
-        print(f"mura-tune: {exc}", file=sys.stderr)
-    print(f"experiment folder: {plan.exp_dir}  (Optuna study: {Path(plan.exp_dir) / 'optuna.db'})")
-    if interrupted:
-        print(
-            f"mura-tune: interrupted; finished trials are kept. Resume with: {resume_command(plan)}",
-            file=sys.stderr,
-        )
-        return 130
-    return 0
+        return SearchResult(plan, build_leaderboard(plan.exp_dir), interrupted, budget_reached)
+    except ExperimentError as exc:  # stopped before any trial started
+        return SearchResult(plan, None, interrupted, budget_reached, note=str(exc))
 
 
 def _forward_sigterm():

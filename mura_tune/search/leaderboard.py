@@ -20,13 +20,12 @@ from mura_tune.constants import COMPLETED, ERROR, METRIC, MODE, PRUNED
 from mura_tune.errors import ExperimentError
 from mura_tune.io import write_parquet
 from mura_tune.metrics import bootstrap_intervals, split_metrics, study_table
+from mura_tune.search.plan import SPECIALISTS_DIR
 
 LEADERBOARD = "leaderboard.parquet"
 #: trials/<id>/recovered.json: a trial only Optuna saw end (the driver died before Ray saved it);
 #: written by ``--resume`` (:func:`mura_tune.search.recovery.recover_scope`).
 RECOVERED_FILE = "recovered.json"
-#: <exp>/specialists/<PART>/: the Ray folder of each specialist search.
-SPECIALISTS_DIR = "specialists"
 RUNNING = "RUNNING"
 FIRST_COLUMNS = [
     "experiment",

@@ -1,8 +1,20 @@
-"""A search, planned: the flags validated and everything resolved in the driver (``experiment.json``).
+"""A search, planned: what was asked for, every rule checked, everything resolved (``experiment.json``).
 
-:class:`SearchPlan` is saved as ``<results>/<name>/experiment.json`` and is what every later step
-(preparation, trials, resume, report) reads. Cloud URIs are refused as ``--results``: trials write
-their files straight to the folder, so it must be one every node mounts.
+The Python API of a search::
+
+    from mura_tune import SearchPlan, run_search
+
+    plan = SearchPlan(space="custom_cnn", data="path/to/MURA-v1.1", num_samples=8, max_epochs=4,
+                      overrides={"image_size": 64}, name="my-search")
+    result = run_search(plan)
+
+:class:`SearchPlan` is the one place a search's settings are validated: the command line only
+parses its flags (with this module's :data:`RULES`) and builds a plan. Constructing a plan checks
+every field, resolves the defaults (the space's preset, resources, the experiment folder) and
+fails with one :class:`~mura_tune.errors.ConfigError` line naming the rule and the value. The
+plan is saved as ``<results>/<name>/experiment.json`` and is what every later step (preparation,
+trials, resume, report) reads. Cloud URIs are refused as ``results``: trials write their files
+straight to the folder, so it must be one every node mounts.
 """
 
 from __future__ import annotations
@@ -12,45 +24,168 @@ import os
 import re
 import shlex
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from mura_tune.constants import BODY_PARTS
-from mura_tune.errors import ConfigError, ExperimentError
+from mura_tune.errors import ConfigError, ExperimentError, Range
 from mura_tune.io import write_json
-from mura_tune.search.leaderboard import SPECIALISTS_DIR
-from mura_tune.train.config import TrainConfig, parse_overrides
+from mura_tune.train.config import TrainConfig
 
 EXPERIMENT_FILE = "experiment.json"
+SPECIALISTS_DIR = "specialists"  # <exp>/specialists/<PART>/: the Ray folder of each specialist search
 URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+#: The numeric rules of a plan's fields: the CLI parses its flags with them, the plan checks them.
+RULES = {
+    "num_samples": Range(int, 1),
+    "max_epochs": Range(int, 1),
+    "grace_period": Range(int, 1),
+    "reduction_factor": Range(float, 1, low_open=True),
+    "max_concurrent": Range(int, 1),
+    "gpus_per_trial": Range(float, 0),
+    "cpus_per_trial": Range(float, 0, low_open=True),
+    "specialist_samples": Range(int, 1),
+    "max_failures": Range(int, 0),
+    "val_fraction": Range(float, 0, 1, low_open=True, high_open=True),
+    "time_budget_s": Range(float, 0, low_open=True),
+    "seed": Range(int),
+}
+#: Fields whose flag is not ``--`` + the name with dashes.
+FLAGS = {"time_budget_s": "--time-budget", "overrides": "--set"}
+
+
+def flag_name(field_name: str) -> str:
+    """The command-line flag of a plan field (how error messages name it)."""
+    return FLAGS.get(field_name, "--" + field_name.replace("_", "-"))
 
 
 @dataclass
 class SearchPlan:
-    """Everything about a search, resolved in the driver and saved as ``experiment.json``."""
+    """Everything about a search: the settings asked for, checked and resolved; saved as ``experiment.json``.
 
-    name: str
-    exp_dir: str  # absolute
-    space: str  # registered name or absolute path of a space file
-    preset: str
-    fixed: dict[str, Any]  # config shared by every trial (space.fixed + preset + --set)
-    num_samples: int
-    max_epochs: int
-    grace_period: int
-    reduction_factor: float
-    max_concurrent: int | None
-    cpus_per_trial: float
-    gpus_per_trial: float
-    seed: int
-    scopes: dict[str, int]  # scope ("all" or a body part) -> trials
-    split_path: str
-    data: str | None
-    max_failures: int
-    strict: bool
-    random_search: bool
+    Args:
+        space: a registered space (``mura-tune spaces``) or the path of a space file.
+        data: MURA-v1.1 folder or manifest (None: the embedded synthetic set).
+        results: the folder experiments go in (shared by every node on a cluster).
+        name: the experiment's folder name (default ``<space>-<time>``).
+        preset: ``cpu`` or ``gpu`` (default: ``gpu`` when CUDA is visible).
+        num_samples: trials (default: the preset's).
+        max_epochs: ASHA's ``max_t`` (default: the preset's).
+        grace_period: ASHA's first rung (epochs).
+        reduction_factor: ASHA's reduction factor (> 1).
+        max_concurrent: trials at once (default: what the resources allow).
+        cpus_per_trial: default all cores on CPU, 4 with a GPU.
+        gpus_per_trial: fractions allowed (0.5: two trials share a GPU); default 1 with CUDA, else 0.
+        seed: seeds the split, the samplers and the trials.
+        val_fraction: share of the official train studies held out as val (by patient).
+        body_part: search a specialist of one part (e.g. ``XR_WRIST``).
+        specialists: the generalist search plus one search per body part.
+        specialist_samples: trials per body part with ``specialists`` (default ``max(2, num_samples // 4)``).
+        overrides: config fields fixed for every trial (``--set key=value``).
+        max_failures: retries of a failed trial from its last finished epoch.
+        strict: fail on unreadable images instead of skipping them.
+        random_search: the baseline: random sampling and no early stopping.
+        time_budget_s: wall-clock budget of each scope's Ray Tune run (Ray's ``time_budget_s``).
+        address: join the Ray cluster at ``auto`` or ``HOST:PORT`` (default: a private local Ray).
+
+    Resolved when the plan is made (not arguments): ``exp_dir``, ``fixed`` (the config every
+    trial shares: space + preset + overrides), ``scopes`` (scope -> trials), ``split_path``,
+    ``created``; ``space``, ``data`` and the defaulted fields hold their resolved values.
+
+    Raises:
+        ConfigError: a field breaks its rule, or the space, preset or overrides are invalid.
+    """
+
+    space: str
+    data: str | None = None
+    results: str = "results"
+    name: str | None = None
+    preset: str | None = None
+    num_samples: int | None = None
+    max_epochs: int | None = None
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    max_concurrent: int | None = None
+    cpus_per_trial: float | None = None
+    gpus_per_trial: float | None = None
+    seed: int = 0
+    val_fraction: float = 0.2
+    body_part: str | None = None
+    specialists: bool = False
+    specialist_samples: int | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    max_failures: int = 2
+    strict: bool = False
+    random_search: bool = False
+    time_budget_s: float | None = None
     address: str | None = None
-    created: float = field(default_factory=time.time)
+    # --- resolved ---------------------------------------------------------------------------------
+    exp_dir: str = field(init=False, default="")
+    fixed: dict[str, Any] = field(init=False, default_factory=dict)
+    scopes: dict[str, int] = field(init=False, default_factory=dict)  # "all" or a body part -> trials
+    split_path: str = field(init=False, default="")
+    created: float = field(init=False, default=0.0)
+
+    def __post_init__(self) -> None:
+        self._resolve()
+
+    def _resolve(self) -> None:
+        for name, rule in RULES.items():
+            value = getattr(self, name)
+            if value is not None:
+                rule.check(value, flag_name(name))
+        # The space registry imports Optuna: here, not at module level, so --help stays light.
+        from mura_tune.search.spaces import get_space
+
+        space = get_space(self.space)
+        cuda = _cuda_visible()
+        self.preset = self.preset or ("gpu" if cuda else "cpu")
+        if self.preset not in ("cpu", "gpu"):
+            raise ConfigError(f"--preset must be cpu or gpu, got {self.preset!r}")
+        preset = space.preset(self.preset)
+        preset_samples, preset_epochs = preset.pop("num_samples", 10), preset.pop("max_epochs", 5)
+        preset.pop("space_args", None)  # used by the space's sampler, not a config field
+        self.num_samples = self.num_samples if self.num_samples is not None else preset_samples
+        self.max_epochs = self.max_epochs if self.max_epochs is not None else preset_epochs
+        _check(
+            1 <= self.grace_period <= self.max_epochs,
+            f"--grace-period must be in [1, --max-epochs={self.max_epochs}], got {self.grace_period}",
+        )
+        if self.gpus_per_trial is None:
+            self.gpus_per_trial = 1.0 if cuda else 0.0
+        if self.cpus_per_trial is None:
+            self.cpus_per_trial = 4.0 if self.gpus_per_trial else float(os.cpu_count() or 1)
+        fixed = {**space.fixed, **preset, "max_epochs": self.max_epochs, "seed": self.seed, **self.overrides}
+        if self.body_part:
+            _check(
+                self.body_part in BODY_PARTS,
+                f"--body-part must be one of {', '.join(BODY_PARTS)}, got {self.body_part!r}",
+            )
+            _check(not self.specialists, "--body-part and --specialists exclude each other")
+            fixed["body_part"] = self.body_part
+        TrainConfig.from_dict(
+            {k: v for k, v in fixed.items() if k in TrainConfig.__dataclass_fields__}, source="--set/preset"
+        )
+        unknown = [k for k in fixed if k not in TrainConfig.__dataclass_fields__]
+        _check(not unknown, f"--set {unknown[0] if unknown else ''}: not a config field")
+        self.fixed = fixed
+        self.scopes = {self.body_part or "all": self.num_samples}
+        if self.specialists:
+            per_part = self.specialist_samples or max(2, self.num_samples // 4)
+            self.scopes.update({part: per_part for part in BODY_PARTS})
+        results = results_dir(self.results)
+        self.results = str(results)
+        self.name = self.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        _check(
+            "/" not in self.name and self.name not in ("", ".", ".."),
+            f"--name must be a plain folder name, got {self.name!r}",
+        )
+        self.space = space.source if self.space.endswith(".py") else space.name
+        self.data = str(Path(self.data).expanduser().resolve()) if self.data else None
+        self.exp_dir = str(results / self.name)
+        self.split_path = str(results / self.name / "split.parquet")
+        self.created = time.time()
 
     def ray_dir(self, scope: str) -> Path:
         """The Ray experiment folder of one scope (the experiment folder itself for the main scope)."""
@@ -61,99 +196,62 @@ class SearchPlan:
         write_json(Path(self.exp_dir) / EXPERIMENT_FILE, asdict(self))
 
     @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SearchPlan:
+        """A plan as saved (nothing is checked or resolved again: a space file is not imported)."""
+        plan = cls.__new__(cls)
+        for f in fields(cls):
+            if f.name in values:
+                setattr(plan, f.name, values[f.name])
+            else:  # a field newer than the file
+                setattr(plan, f.name, f.default_factory() if callable(f.default_factory) else f.default)
+        if "results" not in values and values.get("exp_dir"):
+            plan.results = str(Path(values["exp_dir"]).parent)
+        return plan
+
+    @classmethod
     def load(cls, exp_dir: str | Path) -> SearchPlan:
         path = Path(exp_dir) / EXPERIMENT_FILE
         if not path.exists():
             raise ExperimentError(f"no experiment at {Path(exp_dir)} (missing {EXPERIMENT_FILE})")
-        return cls(**json.loads(path.read_text()))
+        return cls.from_dict(json.loads(path.read_text()))
 
+    @classmethod
+    def for_resume(cls, results: str, name: str | None, space: str, address: str | None = None) -> SearchPlan:
+        """The saved plan of experiment ``name``, to continue it (``--resume``).
 
+        Raises:
+            ConfigError: no ``name``, or ``space`` is not the space the experiment searched (a space
+                file recorded in ``experiment.json`` is only executed if the user names it again).
+            ExperimentError: there is no such experiment.
+        """
+        if not name:
+            raise ConfigError("--resume needs --name of the experiment to continue")
+        exp_dir = results_dir(results) / name
+        if not (exp_dir / EXPERIMENT_FILE).exists():
+            raise ExperimentError(
+                f"--resume: no experiment {name!r} in {exp_dir.parent} (missing {exp_dir / EXPERIMENT_FILE})"
+            )
+        plan = cls.load(exp_dir)
+        named = str(Path(space).expanduser().resolve()) if space.endswith(".py") else space
+        if named != plan.space:
+            raise ConfigError(
+                f"--resume: experiment {plan.name!r} searched --space {plan.space}; pass that, got --space {space}"
+            )
+        if address:
+            plan.address = address
+        return plan
 
-
-def plan_search(args) -> SearchPlan:
-    """Validate the flags and resolve everything (paths, preset, resources, split, weights)."""
-    from mura_tune.search.spaces import get_space
-
-    space = get_space(args.space)
-    cuda = _cuda_visible()
-    preset_name = args.preset or ("gpu" if cuda else "cpu")
-    preset = space.preset(preset_name)
-    preset_samples, preset_epochs = preset.pop("num_samples", 10), preset.pop("max_epochs", 5)
-    preset.pop("space_args", None)  # used by the space's sampler, not a config field
-    num_samples = args.num_samples if args.num_samples is not None else preset_samples
-    max_epochs = args.max_epochs if args.max_epochs is not None else preset_epochs
-    _check(num_samples >= 1, f"--num-samples must be >= 1, got {num_samples}")
-    _check(max_epochs >= 1, f"--max-epochs must be >= 1, got {max_epochs}")
-    _check(
-        1 <= args.grace_period <= max_epochs,
-        f"--grace-period must be in [1, --max-epochs={max_epochs}], got {args.grace_period}",
-    )
-    _check(
-        args.reduction_factor > 1, f"--reduction-factor must be > 1, got {args.reduction_factor}"
-    )
-    _check(
-        args.max_concurrent is None or args.max_concurrent >= 1,
-        f"--max-concurrent must be >= 1, got {args.max_concurrent}",
-    )
-    _check(args.max_failures >= 0, f"--max-failures must be >= 0, got {args.max_failures}")
-    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if cuda else 0.0)
-    _check(gpus >= 0, f"--gpus-per-trial must be >= 0, got {gpus}")
-    cpus = (
-        args.cpus_per_trial
-        if args.cpus_per_trial is not None
-        else (4.0 if gpus else float(os.cpu_count() or 1))
-    )
-    _check(cpus > 0, f"--cpus-per-trial must be > 0, got {cpus}")
-    overrides = parse_overrides(args.set)
-    fixed = {**space.fixed, **preset, "max_epochs": max_epochs, "seed": args.seed, **overrides}
-    if args.body_part:
-        _check(
-            args.body_part in BODY_PARTS,
-            f"--body-part must be one of {', '.join(BODY_PARTS)}, got {args.body_part!r}",
-        )
-        fixed["body_part"] = args.body_part
-    TrainConfig.from_dict(
-        {k: v for k, v in fixed.items() if k in TrainConfig.__dataclass_fields__},
-        source="--set/preset",
-    )
-    unknown = [k for k in fixed if k not in TrainConfig.__dataclass_fields__]
-    _check(not unknown, f"--set {unknown[0] if unknown else ''}: not a config field")
-    scopes = {args.body_part or "all": num_samples}
-    if args.specialists:
-        per_part = args.specialist_samples or max(2, num_samples // 4)
-        scopes.update({part: per_part for part in BODY_PARTS})
-    results = results_dir(args.results)
-    name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    _check(
-        "/" not in name and name not in ("", ".", ".."),
-        f"--name must be a plain folder name, got {name!r}",
-    )
-    return SearchPlan(
-        name=name,
-        exp_dir=str(results / name),
-        space=space.source if args.space.endswith(".py") else space.name,
-        preset=preset_name,
-        fixed=fixed,
-        num_samples=num_samples,
-        max_epochs=max_epochs,
-        grace_period=args.grace_period,
-        reduction_factor=args.reduction_factor,
-        max_concurrent=args.max_concurrent,
-        cpus_per_trial=cpus,
-        gpus_per_trial=gpus,
-        seed=args.seed,
-        scopes=scopes,
-        split_path=str(results / name / "split.parquet"),
-        data=str(Path(args.data).expanduser().resolve()) if args.data else None,
-        max_failures=args.max_failures,
-        strict=args.strict,
-        random_search=args.random_search,
-        address=args.address,
-    )
+    def resume_command(self) -> str:
+        """The exact command that continues this experiment."""
+        parts = ["mura-tune", "--space", self.space, "--results", str(Path(self.exp_dir).parent), "--name", self.name,
+                 "--resume"]  # fmt: skip
+        if self.address:
+            parts += ["--address", self.address]
+        return shlex.join(parts)
 
 
 def results_dir(results: str) -> Path:
-    """``--results`` as an absolute folder. Cloud URIs are refused: trials write their checkpoints,
+    """``results`` as an absolute folder. Cloud URIs are refused: trials write their checkpoints,
     metrics and predictions straight to this path, so it must be a filesystem every node mounts.
 
     Raises:
@@ -173,46 +271,6 @@ def _check(ok: bool, message: str) -> None:
 
 
 def _cuda_visible() -> bool:
-    import torch
+    import torch  # only once the space is known: an unknown --space fails without it
 
     return torch.cuda.is_available()
-
-
-
-def resume_command(plan: SearchPlan) -> str:
-    """The exact command that continues this experiment."""
-    parts = [
-        "mura-tune",
-        "--space",
-        plan.space,
-        "--results",
-        str(Path(plan.exp_dir).parent),
-        "--name",
-        plan.name,
-        "--resume",
-    ]
-    if plan.address:
-        parts += ["--address", plan.address]
-    return shlex.join(parts)
-
-
-def _load_for_resume(args) -> SearchPlan:
-    if not args.name:
-        raise ConfigError("--resume needs --name of the experiment to continue")
-    exp_dir = results_dir(args.results) / args.name
-    if not (exp_dir / EXPERIMENT_FILE).exists():
-        raise ExperimentError(
-            f"--resume: no experiment {args.name!r} in {exp_dir.parent} (missing {exp_dir / EXPERIMENT_FILE})"
-        )
-    plan = SearchPlan.load(exp_dir)
-    named = (
-        str(Path(args.space).expanduser().resolve()) if args.space.endswith(".py") else args.space
-    )
-    if named != plan.space:
-        # The space file recorded in experiment.json is only executed if the user names it again.
-        raise ConfigError(
-            f"--resume: experiment {plan.name!r} searched --space {plan.space}; pass that, got --space {args.space}"
-        )
-    if args.address:
-        plan.address = args.address
-    return plan

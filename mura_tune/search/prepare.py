@@ -16,7 +16,7 @@ from mura_tune.train.pretrain import resolve_pretrained
 from mura_tune.train.weights import check_weights_split
 
 
-def prepare_experiment(plan: SearchPlan, val_fraction: float) -> None:
+def prepare_experiment(plan: SearchPlan) -> None:
     """Write the split once, build the shared image cache and resolve the starting weights.
 
     ``pretrained: auto`` and ``bodypart`` are resolved per backbone with the experiment's own
@@ -25,7 +25,7 @@ def prepare_experiment(plan: SearchPlan, val_fraction: float) -> None:
     """
     exp = Path(plan.exp_dir)
     exp.mkdir(parents=True, exist_ok=True)
-    table = assign_split(read_dataset(plan.data).table, val_fraction, plan.seed)
+    table = assign_split(read_dataset(plan.data).table, plan.val_fraction, plan.seed)
     write_split(table, plan.split_path)
     cache = build_cache(table["image_path"].tolist(), int(plan.fixed.get("image_size", 64)))
     if len(cache.unreadable):
@@ -40,7 +40,7 @@ def prepare_experiment(plan: SearchPlan, val_fraction: float) -> None:
             f"mura-tune: {len(cache.unreadable)} unreadable image(s) will be skipped; list in {exp / 'skipped_images.parquet'}",
             file=sys.stderr,
         )
-    prepare_weights(plan, table, {"seed": plan.seed, "val_fraction": val_fraction, "path": plan.split_path})
+    prepare_weights(plan, table, {"seed": plan.seed, "val_fraction": plan.val_fraction, "path": plan.split_path})
 
 
 def prepare_weights(plan: SearchPlan, table, split_info: dict) -> None:
