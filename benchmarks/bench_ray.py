@@ -173,9 +173,11 @@ def _trials(exp: Path) -> list[dict]:
     """Per trial, from Ray's own results: trainable start/end, setup and per-report seconds."""
     import pandas as pd
 
+    from mura_tune.layout import ExperimentDir, ray_trial_dirname
+
     out = []
-    for folder in (exp / "trials").iterdir():
-        progress = pd.read_csv(exp / f"ray-{folder.name}" / "progress.csv")
+    for folder in ExperimentDir(exp).trials.iterdir():
+        progress = pd.read_csv(exp / ray_trial_dirname(folder.name) / "progress.csv")
         progress = progress.sort_values("training_iteration")
         last = progress.iloc[-1]
         end = float(last["timestamp"]) + 0.5  # Ray's timestamp is whole seconds
@@ -192,19 +194,21 @@ def inproc(exp: str, out: str) -> None:
     """The no-Ray arm: run every trial's saved config with run_training, one after another."""
     import pandas as pd
 
-    from mura_tune.train.config import TrainConfig
     from mura_tune.data.split import load_split
     from mura_tune.io import write_json
+    from mura_tune.layout import ExperimentDir, TrialDir
+    from mura_tune.train.config import TrainConfig
     from mura_tune.train.run import run_training
 
-    table = load_split(Path(exp) / "split.parquet")
+    experiment = ExperimentDir(Path(exp))
+    table = load_split(experiment.split)
     seconds, epochs = {}, {}
-    for folder in sorted((Path(exp) / "trials").iterdir()):
-        config = TrainConfig.load(folder / "config.yaml")
+    for folder in sorted(experiment.trials.iterdir()):
+        config = TrainConfig.load(TrialDir(folder).config)
         t0 = time.time()
         run_training(config, table, Path(out) / folder.name, verbose=False)
         seconds[folder.name] = time.time() - t0
-        metrics = pd.read_parquet(Path(out) / folder.name / "metrics.parquet")
+        metrics = pd.read_parquet(TrialDir(Path(out) / folder.name).metrics)
         epochs[folder.name] = float(metrics["epoch_seconds"].sum())
     write_json(Path(out) / "times.json", {"seconds": seconds, "epoch_seconds": epochs})
 

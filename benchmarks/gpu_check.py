@@ -172,12 +172,11 @@ def _search(table, args, results: Path) -> dict:
     result = run_search(plan, verbose=0)
     seconds = time.perf_counter() - start
     trials = []
-    for trial_dir in sorted((results / "search" / "trials").glob("*")):
-        meta = json.loads((trial_dir / "trial.json").read_text())
-        summary_path = trial_dir / "summary.json"
-        summary = json.loads(summary_path.read_text())
+    for trial in plan.experiment.trial_dirs():
+        meta = json.loads(trial.trial_json.read_text())
+        summary = json.loads(trial.summary.read_text())
         trials.append({
-            "trial_id": trial_dir.name, "start": meta["attempts"][-1]["started"], "end": summary_path.stat().st_mtime,
+            "trial_id": trial.trial_id, "start": meta["attempts"][-1]["started"], "end": trial.summary.stat().st_mtime,
             "device": summary["device"], "peak_gpu_memory_mb": summary.get("peak_gpu_memory_mb"),
         })  # fmt: skip
     return {"exit_code": result.exit_code, "seconds": seconds, "trials": trials, "max_concurrent_trials": most_at_once(trials)}

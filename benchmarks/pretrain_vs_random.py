@@ -65,6 +65,7 @@ def run(
     from mura_tune.train.config import TrainConfig
     from mura_tune.data.mura import read_dataset
     from mura_tune.data.split import assign_split
+    from mura_tune.layout import TrialDir
     from mura_tune.train.pretrain import BODYPART_EPOCHS, ensure_bodypart_weights, pretrain_bodypart
     from mura_tune.train.run import run_training
 
@@ -117,8 +118,9 @@ def run(
                 threads=threads,
             )
             run_dir = out / f"{arm}-seed{seed}"
-            if (run_dir / "summary.json").exists() and TrainConfig.load(run_dir / "config.yaml") == config:
-                summary = json.loads((run_dir / "summary.json").read_text())  # finished earlier, same settings
+            run = TrialDir(run_dir)
+            if run.summary.exists() and TrainConfig.load(run.config) == config:
+                summary = json.loads(run.summary.read_text())  # finished earlier, same settings
             else:
                 summary = run_training(config, table, run_dir, verbose=False)
             val = summary["val"]
@@ -155,10 +157,11 @@ def paired_difference(out: str | Path, seeds: tuple[int, ...] | list[int], n_boo
     import numpy as np
     import pandas as pd
 
+    from mura_tune.layout import TrialDir
     from mura_tune.metrics import THRESHOLD, kappa_batch, study_table
 
     def val_studies(arm: str, seed: int) -> pd.DataFrame:
-        preds = pd.read_parquet(Path(out) / f"{arm}-seed{seed}" / "predictions.parquet")
+        preds = pd.read_parquet(TrialDir(Path(out) / f"{arm}-seed{seed}").predictions)
         return study_table(preds[preds["split"] == "val"]).set_index("study_id")
 
     studies = {(arm, seed): val_studies(arm, seed) for seed in seeds for arm in ARMS}

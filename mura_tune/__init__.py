@@ -17,7 +17,7 @@ The same from Python::
 
 The package is laid out by pipeline stage: ``data`` → ``train`` → ``search`` → ``ensemble`` →
 ``report``, with ``cli`` on top and the core modules (``errors``, ``constants``, ``io``, ``home``,
-``metrics``) below; each imports only from the stages before it. The names below are imported
+``layout``, ``metrics``) below; each imports only from the stages before it. The names below are imported
 on first use, so ``import mura_tune`` costs nothing (no torch, no Ray).
 """
 

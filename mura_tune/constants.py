@@ -29,9 +29,6 @@ SOURCE_SPLITS = ("train", "valid")
 TABLE_COLUMNS = ("image_path", "study_id", "patient_id", "body_part", "label", "source_split")
 SPLITS = ("train", "val", "test")
 
-#: Trial statuses in the leaderboard.
-COMPLETED, PRUNED, ERROR = "COMPLETED", "PRUNED", "ERROR"
-
 #: ImageNet statistics (the radiograph is replicated to 3 channels, as the MURA paper did).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

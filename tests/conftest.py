@@ -18,6 +18,14 @@ SHARED_INDEX = Path(__file__).resolve().parents[1].parent / "shared" / "mura-v1.
 
 
 @pytest.fixture(scope="session", autouse=True)
+def console_logging():
+    """The library's log on the console as the CLI shows it (notes on stdout, warnings on stderr)."""
+    from mura_tune.cli import console_logging
+
+    console_logging()
+
+
+@pytest.fixture(scope="session", autouse=True)
 def mura_home(tmp_path_factory) -> Path:
     """An isolated $MURA_TUNE_HOME (embedded data, caches, weights) for the whole suite."""
     home = tmp_path_factory.mktemp("mura_home")

@@ -123,3 +123,15 @@ def test_public_api_loads_lazily_and_completely():
                             cwd=PACKAGE.parent)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "mura_tune.search.plan"
+
+
+def test_the_library_logs_and_only_the_cli_prints():
+    """Below cli/, modules report through logging.getLogger("mura_tune...."); the CLI decides what is shown."""
+    printing = [
+        f"{m}:{node.lineno}"
+        for m, path in MODULES.items()
+        if stage(m) < STAGES["cli"]
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"
+    ]
+    assert not printing, printing

@@ -11,7 +11,8 @@ from ensemble_fixtures import make_experiment, permute_test_labels
 from sklearn.metrics import cohen_kappa_score
 
 from mura_tune.ensemble import build as ensemble_build
-from mura_tune.ensemble.candidates import drop_incomplete, load_split, read_candidates
+from mura_tune.ensemble.candidates import drop_incomplete, read_candidates
+from mura_tune.ensemble.candidates import load_study_probs as load_split
 from mura_tune.ensemble.greedy import GreedyEnsemble, score
 from mura_tune.errors import ConfigError
 from mura_tune.metrics import cohen_kappa, log_loss, roc_auc, study_table
@@ -250,7 +251,7 @@ def test_selection_is_given_no_test_rows(built, tmp_path, monkeypatch):
     fx, _ = built
     events = []
     real_load, real_select, real_fit = (
-        ensemble_build.load_split,
+        ensemble_build.load_study_probs,
         ensemble_build.select,
         GreedyEnsemble.fit,
     )
@@ -268,7 +269,7 @@ def test_selection_is_given_no_test_rows(built, tmp_path, monkeypatch):
         events.append(("fit", np.shape(probs)[1], None))
         return real_fit(self, probs, labels, names)
 
-    monkeypatch.setattr(ensemble_build, "load_split", load_spy)
+    monkeypatch.setattr(ensemble_build, "load_study_probs", load_spy)
     monkeypatch.setattr(ensemble_build, "select", select_spy)
     monkeypatch.setattr(GreedyEnsemble, "fit", fit_spy)
     ensemble_build.build_ensemble(fx.exp, out_root=tmp_path, n_boot=5)

@@ -20,7 +20,9 @@ from conftest import run_cli
 from ensemble_fixtures import make_experiment
 
 from mura_tune.ensemble import build as ensemble_build
-from mura_tune.ensemble.candidates import GENERALIST, drop_incomplete, load_split, read_candidates
+from mura_tune.ensemble.candidates import drop_incomplete, read_candidates
+from mura_tune.ensemble.candidates import load_study_probs as load_split
+from mura_tune.layout import GENERALIST_SCOPE as GENERALIST
 from mura_tune.data.mura import read_dataset
 from mura_tune.ensemble.greedy import score
 

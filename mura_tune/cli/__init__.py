@@ -15,19 +15,50 @@ imported inside the commands that need them, so ``--help`` and a typo answer in 
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from mura_tune.cli import commands
 from mura_tune.cli.parser import build_parser, implicit_search
 from mura_tune.errors import MuraTuneError
 
-__all__ = ["build_parser", "main"]
+__all__ = ["ConsoleHandler", "build_parser", "console_logging", "main"]
+
+
+class ConsoleHandler(logging.Handler):
+    """What a user of the command line sees of the library's log.
+
+    Progress and notes (INFO) go to stdout as plain lines, beside the command's results; what a
+    user should act on (WARNING and above) goes to stderr as ``mura-tune: <message>``, the form of
+    the error line. The streams are looked up at each record (so redirections and test capture work).
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.levelno >= logging.WARNING:
+                print(f"mura-tune: {message}", file=sys.stderr, flush=True)
+            else:
+                print(message, file=sys.stdout, flush=True)
+        except Exception:  # a logging failure must not end the command
+            self.handleError(record)
+
+
+def console_logging(level: int = logging.INFO) -> logging.Logger:
+    """Send the ``mura_tune`` loggers to the console as the CLI does (once; later calls set the level)."""
+    logger = logging.getLogger("mura_tune")
+    if not any(isinstance(h, ConsoleHandler) for h in logger.handlers):
+        logger.addHandler(ConsoleHandler())
+    logger.setLevel(level)
+    logger.propagate = False  # an application's root handlers would print every line twice
+    return logger
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = implicit_search(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(argv)
+    console_logging(logging.DEBUG if args.debug else logging.INFO)
     if args.command is None:
         parser.print_help()
         return 0

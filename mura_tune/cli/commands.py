@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from mura_tune.errors import ConfigError, DataError, ExperimentError
+from mura_tune.layout import EnsembleDir, ExperimentDir, TrialDir, read_json
 
 
 def print_json(obj) -> None:
@@ -93,31 +94,31 @@ def train(args) -> int:
 
     split_path = Path(args.split) if args.split else None
     if args.from_trial:
-        trial = Path(args.from_trial)
-        if not (trial / "config.yaml").exists():
-            raise ExperimentError(f"--from-trial {trial}: no config.yaml (expected RESULTS/EXP/trials/ID)")
-        config = TrainConfig.load(trial / "config.yaml")
-        split_path = split_path or trial.parent.parent / "split.parquet"
+        trial = TrialDir(Path(args.from_trial))
+        if not trial.config.exists():
+            raise ExperimentError(f"--from-trial {trial.path}: no {trial.config.name} (expected RESULTS/EXP/trials/ID)")
+        config = TrainConfig.load(trial.config)
+        split_path = split_path or ExperimentDir(trial.path.parent.parent).split
     else:
         config = TrainConfig.load(args.config) if args.config else TrainConfig()
     config = config.updated(parse_overrides(args.set)) if args.set else config.validate()
     out = Path(args.out or f"results/train-{time.strftime('%Y%m%d-%H%M%S')}")
+    run = TrialDir(out)
     if split_path is not None:
         table = load_split(split_path)
         split_info = {"path": str(split_path)}
-    else:
+    else:  # a run folder holds its split as an experiment does
+        split_file = ExperimentDir(out).split
         table = assign_split(read_dataset(args.data).table)
-        write_split(table, out / "split.parquet")
-        split_info = {"seed": 0, "val_fraction": 0.2, "path": str(out / "split.parquet")}
+        write_split(table, split_file)
+        split_info = {"seed": 0, "val_fraction": 0.2, "path": str(split_file)}
     from mura_tune.train.pretrain import resolve_pretrained
     from mura_tune.train.weights import check_weights_split
 
     pretrained, weights_source = resolve_pretrained(config.model, config.pretrained, table, config.image_size,
                                                     split_info=split_info)
     config = config.updated({"pretrained": pretrained}) if pretrained != config.pretrained else config
-    notice = check_weights_split(config.pretrained, table)  # refused here, before any training
-    if notice:
-        print(notice, file=sys.stderr)
+    check_weights_split(config.pretrained, table)  # refused here, before any training
     from mura_tune.train.run import run_training
 
     summary = run_training(config, table, out, strict=args.strict, weights_source=weights_source)
@@ -125,7 +126,7 @@ def train(args) -> int:
     print(f"best epoch {summary['best_epoch']}: val_kappa_study {val.get('val_kappa_study', float('nan')):.3f}, "
           f"val_auc {val.get('val_auc', float('nan')):.3f} | test_kappa_study {test.get('test_kappa_study', float('nan')):.3f} "
           "(test is reported, never used to choose)")
-    paths_written(out / "config.yaml", out / "metrics.parquet", out / "best.pt", out / "predictions.parquet", out / "summary.json")
+    paths_written(run.config, run.metrics, run.checkpoint, run.predictions, run.summary)
     return 0
 
 
@@ -189,10 +190,10 @@ def spaces(args) -> int:
 def leaderboard(args) -> int:
     from mura_tune.search.leaderboard import build_leaderboard, format_leaderboard
 
-    exp = Path(args.experiment)
-    board = build_leaderboard(exp)
+    exp = ExperimentDir(Path(args.experiment))
+    board = build_leaderboard(exp.path)
     print(format_leaderboard(board, top=args.top))
-    written = [exp / "leaderboard.parquet"]
+    written = [exp.leaderboard]
     if args.out:
         from mura_tune.io import write_parquet
 
@@ -203,11 +204,15 @@ def leaderboard(args) -> int:
 
 # --- ensemble / evaluate / predict ------------------------------------------------------------------
 def ensemble(args) -> int:
-    from mura_tune.ensemble.build import build_ensemble
+    from mura_tune.ensemble.build import build_ensemble, format_report
 
-    out = build_ensemble(args.experiment, name=args.name, out_root=args.out_root, max_size=args.max_size,
-                         specialists=args.specialists, metric=args.metric, margin=args.margin, seed=args.seed)
-    paths_written(out / "manifest.json", out / "predictions.parquet", out / "report.json")
+    out = EnsembleDir(build_ensemble(args.experiment, name=args.name, out_root=args.out_root, max_size=args.max_size,
+                                     specialists=args.specialists, metric=args.metric, margin=args.margin, seed=args.seed))
+    print(format_report(read_json(out.report)))
+    skipped = (read_json(out.manifest) or {}).get("n_skipped", 0)
+    if skipped:
+        print(f"\nskipped {skipped} trials (see {out.manifest.name})")
+    paths_written(out.manifest, out.predictions, out.report)
     return 0
 
 
@@ -232,8 +237,10 @@ def predict(args) -> int:
 def report(args) -> int:
     from mura_tune.report.html import write_report
 
+    started = time.time()
     path = write_report(args.experiment, ensemble=args.ensemble, out=args.out)
-    paths_written(path)
+    figures = sorted(p for p in path.parent.glob("*.png") if p.stat().st_mtime >= started - 1)
+    paths_written(*figures, path)
     return 0
 
 

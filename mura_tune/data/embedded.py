@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import fcntl
-import sys
 from pathlib import Path
 
 from mura_tune.data.synth import synthesize
 from mura_tune.home import EMBEDDED, embedded_data_dir
+
+log = logging.getLogger(__name__)
 
 
 def ensure_embedded(verbose: bool = True) -> Path:
@@ -21,7 +23,7 @@ def ensure_embedded(verbose: bool = True) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not done.exists():
             if verbose:
-                print(f"mura-tune: generating the embedded synthetic dataset into {out} (once)", file=sys.stderr)
+                log.warning("generating the embedded synthetic dataset into %s (once)", out)
             tmp = out.with_name(out.name + ".partial")
             if tmp.exists():
                 import shutil
@@ -31,5 +33,5 @@ def ensure_embedded(verbose: bool = True) -> Path:
             tmp.rename(out)
             done.touch()
     if verbose:
-        print(f"mura-tune: using the embedded synthetic dataset at {out}", file=sys.stderr)
+        log.warning("using the embedded synthetic dataset at %s", out)
     return out

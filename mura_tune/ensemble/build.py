@@ -24,19 +24,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mura_tune.constants import ERROR
 from mura_tune.ensemble.candidates import (
-    GENERALIST,
     Candidate,
-    SplitData,
+    StudyProbs,
     coverage,
     drop_incomplete,
-    load_split,
+    load_study_probs,
     read_candidates,
 )
 from mura_tune.ensemble.greedy import GreedyEnsemble, check_metric, maximise, score
 from mura_tune.errors import ConfigError, ExperimentError
 from mura_tune.io import write_json, write_parquet
+from mura_tune.layout import (
+    GENERALIST_ENSEMBLE,
+    GENERALIST_SCOPE,
+    SERVED_BY_PART,
+    EnsembleDir,
+    ExperimentDir,
+    TrialStatus,
+)
 from mura_tune.metrics import METRIC_NAMES, format_ci, log_loss, score_studies
 from mura_tune.search.leaderboard import build_leaderboard
 
@@ -57,7 +63,7 @@ class Selection:
 
 
 def select(
-    val: SplitData,
+    val: StudyProbs,
     candidates: list[Candidate],
     *,
     max_size: int,
@@ -83,7 +89,7 @@ def select(
     if val.split != "val":
         raise ExperimentError(f"selection must only see val data, got split {val.split!r}")
     names = [c.trial_id for c in candidates]
-    gen = [i for i, c in enumerate(candidates) if c.scope == GENERALIST]
+    gen = [i for i, c in enumerate(candidates) if c.scope == GENERALIST_SCOPE]
     settings = {"max_size": max_size, "metric": metric, "seed": seed, "prune_top": prune_top}
     ens = GreedyEnsemble(**settings).fit(val.probs[gen], val.labels, [names[i] for i in gen])
     sel = Selection(generalist=ens, generalist_rows=gen)
@@ -93,7 +99,7 @@ def select(
         cols = val.body_parts == part
         spec = [i for i, c in enumerate(candidates) if c.scope == part]
         base = {
-            "served_by": "generalist",
+            "served_by": GENERALIST_ENSEMBLE,
             "n_val_studies": int(cols.sum()),
             "n_specialists": len(spec),
             "generalist_val_score": _finite(score(val.labels[cols], gen_probs[cols], metric)),
@@ -123,7 +129,7 @@ def select(
         )
         sel.routing[part] = {
             **base,
-            "served_by": "part" if routed else "generalist",
+            "served_by": SERVED_BY_PART if routed else GENERALIST_ENSEMBLE,
             "part_val_score": float(part_ens.score_),
             "gain": float(gain),
             "reason": reason,
@@ -146,18 +152,18 @@ def _check_finished(exp: Path) -> None:
 
     The message has the form of the one below in :func:`build_ensemble`, plus the first error's reason.
     """
-    path = exp / "leaderboard.parquet"
+    path = ExperimentDir(exp).leaderboard
     if not path.is_file():
         return  # read_candidates names the missing file
     board = pd.read_parquet(path)
-    if "status" not in board.columns or len(board) == 0 or (board["status"] != ERROR).any():
+    if "status" not in board.columns or len(board) == 0 or (board["status"] != TrialStatus.ERROR).any():
         return
     first = board.iloc[0]
     reason = first.get("reason")
     why = f", {reason}" if isinstance(reason, str) and reason else ""
     raise ExperimentError(
         f"no finished generalist trial with predictions in {exp} "
-        f"({len(board)} trial(s) skipped: {first['trial_id']} status ERROR{why})"
+        f"({len(board)} trial(s) skipped: {first['trial_id']} status {TrialStatus.ERROR}{why})"
     )
 
 
@@ -165,7 +171,7 @@ def _finite(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
 
 
-def predict(sel: Selection, data: SplitData) -> dict[str, np.ndarray]:
+def predict(sel: Selection, data: StudyProbs) -> dict[str, np.ndarray]:
     """Study probabilities of the ensemble (with routing) and the baselines on one split.
 
     Args:
@@ -177,7 +183,7 @@ def predict(sel: Selection, data: SplitData) -> dict[str, np.ndarray]:
     """
     out = {"ensemble": sel.generalist.predict_proba(data.probs[sel.generalist_rows])}
     for part, (part_ens, rows) in sel.parts.items():
-        if sel.routing[part]["served_by"] == "part":
+        if sel.routing[part]["served_by"] == SERVED_BY_PART:
             cols = data.body_parts == part
             out["ensemble"][cols] = part_ens.predict_proba(data.probs[rows][:, cols])
     out["best_single"] = data.probs[sel.best_single].copy()
@@ -190,7 +196,7 @@ def _needed(sel: Selection) -> set[int]:
     rows = {sel.best_single, *sel.recipe}
     rows |= {sel.generalist_rows[j] for j in np.flatnonzero(sel.generalist.weights_)}
     for part, (part_ens, part_rows) in sel.parts.items():
-        if sel.routing[part]["served_by"] == "part":
+        if sel.routing[part]["served_by"] == SERVED_BY_PART:
             rows |= {part_rows[j] for j in np.flatnonzero(part_ens.weights_)}
     return rows
 
@@ -223,11 +229,11 @@ def _members(
 def _manifest(
     sel: Selection, candidates: list[Candidate], skipped: list[dict], settings: dict, exp: Path
 ) -> dict:
-    ensembles = {"generalist": _members(sel.generalist, sel.generalist_rows, candidates)}
+    ensembles = {GENERALIST_ENSEMBLE: _members(sel.generalist, sel.generalist_rows, candidates)}
     for part, (part_ens, rows) in sel.parts.items():
-        used = sel.routing[part]["served_by"] == "part"
+        used = sel.routing[part]["served_by"] == SERVED_BY_PART
         ensembles[part] = _members(part_ens, rows, candidates, used)
-    split_manifest = exp / "split.parquet"
+    split_manifest = ExperimentDir(exp).split
     best = candidates[sel.best_single]
     return {
         "experiment": str(exp),
@@ -235,7 +241,7 @@ def _manifest(
         "settings": settings,
         "candidates": {
             "generalists": len(sel.generalist_rows),
-            "specialists": sum(c.scope != GENERALIST for c in candidates),
+            "specialists": sum(c.scope != GENERALIST_SCOPE for c in candidates),
         },
         "n_skipped": len(skipped),
         "skipped": skipped,
@@ -346,20 +352,20 @@ def build_ensemble(
         raise ConfigError(f"--name must be a plain folder name, got {name!r}")
     out = Path(out_root).expanduser().resolve() / name
 
-    if not (exp / "leaderboard.parquet").is_file() and (exp / "trials").is_dir():
+    if not ExperimentDir(exp).leaderboard.is_file() and ExperimentDir(exp).trials.is_dir():
         # A search killed before writing its leaderboard: build it from the trials' own files.
         build_leaderboard(exp)
     _check_finished(exp)
     candidates, skipped = read_candidates(exp)
     if not specialists:
-        candidates = [c for c in candidates if c.scope == GENERALIST]
-    if not any(c.scope == GENERALIST for c in candidates):
+        candidates = [c for c in candidates if c.scope == GENERALIST_SCOPE]
+    if not any(c.scope == GENERALIST_SCOPE for c in candidates):
         why = f": {skipped[0]['trial_id']} {skipped[0]['reason']}" if skipped else ""
         raise ExperimentError(
             f"no finished generalist trial with predictions in {exp} "
             f"({len(skipped)} trial(s) skipped{why})"
         )
-    val = load_split(candidates, "val")
+    val = load_study_probs(candidates, "val")
     try:
         candidates, val, incomplete = drop_incomplete(candidates, val)
     except ExperimentError as exc:
@@ -370,7 +376,7 @@ def build_ensemble(
 
     # Every decision is made: only now are test rows read, for the chosen models only.
     needed = _needed(sel)
-    test = load_split(candidates, "test", only=needed)
+    test = load_study_probs(candidates, "test", only=needed)
     for i in sorted(needed):
         have, need = coverage(candidates[i], test, i)
         if have != need:
@@ -422,10 +428,8 @@ def build_ensemble(
         )
         for d in (val, test)
     ]
-    write_json(out / "manifest.json", manifest)
-    write_parquet(out / "predictions.parquet", pd.concat(rows, ignore_index=True))
-    write_json(out / "report.json", report)
-    print(format_report(report))
-    if skipped:
-        print(f"\nskipped {len(skipped)} trials (see manifest.json)")
-    return out  # the CLI prints the paths written
+    folder = EnsembleDir(out)
+    write_json(folder.manifest, manifest)
+    write_parquet(folder.predictions, pd.concat(rows, ignore_index=True))
+    write_json(folder.report, report)
+    return out  # the CLI prints the report (format_report) and the paths written

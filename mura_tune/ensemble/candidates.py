@@ -1,7 +1,7 @@
 """Candidate models of an experiment and their study-level probabilities, one split at a time.
 
 A candidate is a usable trial of ``<exp>/leaderboard.parquet``: ERROR trials and trials whose
-predictions file is missing are skipped (with the reason). :func:`load_split` reads a single
+predictions file is missing are skipped (with the reason). :func:`load_study_probs` reads a single
 split through a Parquet row filter, so loading ``"val"`` never touches test rows.
 """
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mura_tune.constants import ERROR
 from mura_tune.errors import ExperimentError
+from mura_tune.layout import GENERALIST_SCOPE, ExperimentDir, TrialStatus
 from mura_tune.metrics import study_table
 
 LEADERBOARD_COLUMNS = (
@@ -25,7 +25,6 @@ LEADERBOARD_COLUMNS = (
     "predictions_path",
     "checkpoint_path",
 )
-GENERALIST = "all"
 
 
 @dataclass
@@ -33,14 +32,14 @@ class Candidate:
     """One usable trial: where its predictions and checkpoint are, and what it covers."""
 
     trial_id: str
-    scope: str  # "all" (generalist) or a body part (specialist)
+    scope: str  # GENERALIST_SCOPE or a body part (specialist)
     predictions_path: Path
     checkpoint_path: str
     val_loss: float
 
 
 @dataclass
-class SplitData:
+class StudyProbs:
     """Study-level probabilities of the candidates on one split, studies sorted by ``study_id``."""
 
     split: str
@@ -52,9 +51,9 @@ class SplitData:
 
 def read_candidates(experiment: Path) -> tuple[list[Candidate], list[dict]]:
     """Read ``leaderboard.parquet``; return usable candidates and the skipped trials with reasons."""
-    path = experiment / "leaderboard.parquet"
+    path = ExperimentDir(experiment).leaderboard
     if not path.is_file():
-        raise ExperimentError(f"no leaderboard.parquet in experiment folder {experiment}")
+        raise ExperimentError(f"no {path.name} in experiment folder {experiment}")
     board = pd.read_parquet(path)
     missing = [c for c in LEADERBOARD_COLUMNS if c not in board.columns]
     if missing:
@@ -65,8 +64,8 @@ def read_candidates(experiment: Path) -> tuple[list[Candidate], list[dict]]:
         pred = Path(str(row.predictions_path)) if isinstance(row.predictions_path, str) else None
         if pred is not None and not pred.is_absolute():
             pred = experiment / pred
-        if row.status == ERROR:
-            skipped.append({"trial_id": tid, "reason": "status ERROR"})
+        if row.status == TrialStatus.ERROR:
+            skipped.append({"trial_id": tid, "reason": f"status {TrialStatus.ERROR}"})
         elif pred is None or not pred.is_file():
             skipped.append({"trial_id": tid, "reason": f"predictions file missing: {pred}"})
         else:
@@ -75,7 +74,7 @@ def read_candidates(experiment: Path) -> tuple[list[Candidate], list[dict]]:
     return candidates, skipped
 
 
-def load_split(candidates: list[Candidate], split: str, only: set[int] | None = None) -> SplitData:
+def load_study_probs(candidates: list[Candidate], split: str, only: set[int] | None = None) -> StudyProbs:
     """Load one split's study-level probabilities (Parquet row filter: other splits are never read).
 
     Args:
@@ -107,7 +106,7 @@ def load_split(candidates: list[Candidate], split: str, only: set[int] | None = 
         ):
             raise ExperimentError(f"{cand.predictions_path}: prob must be in [0, 1] and label 0/1")
         studies = study_table(images).assign(row=i)
-        if cand.scope != GENERALIST:
+        if cand.scope != GENERALIST_SCOPE:
             studies = studies[studies["body_part"] == cand.scope]
         frames.append(studies[["row", "study_id", "body_part", "label", "prob"]])
     long = (
@@ -115,7 +114,7 @@ def load_split(candidates: list[Candidate], split: str, only: set[int] | None = 
         if frames
         else pd.DataFrame(columns=["row", "study_id", "body_part", "label", "prob"])
     )
-    gen_rows = [i for i, c in enumerate(candidates) if c.scope == GENERALIST]
+    gen_rows = [i for i, c in enumerate(candidates) if c.scope == GENERALIST_SCOPE]
     truth = long[long["row"].isin(gen_rows)].drop_duplicates(["study_id", "body_part", "label"])
     truth = truth.sort_values("study_id", kind="stable")
     dup = truth["study_id"].duplicated()
@@ -129,21 +128,21 @@ def load_split(candidates: list[Candidate], split: str, only: set[int] | None = 
     ids = truth["study_id"].to_numpy()
     probs = long.pivot(index="row", columns="study_id", values="prob")
     probs = probs.reindex(index=range(len(candidates)), columns=ids).to_numpy(dtype=np.float64)
-    return SplitData(
+    return StudyProbs(
         split, ids, truth["body_part"].to_numpy(), truth["label"].to_numpy().astype(np.int8), probs
     )
 
 
-def coverage(cand: Candidate, data: SplitData, row: int) -> tuple[int, int]:
+def coverage(cand: Candidate, data: StudyProbs, row: int) -> tuple[int, int]:
     """``(predicted, needed)`` studies of ``cand``'s scope in ``data`` (row ``row``)."""
-    cols = slice(None) if cand.scope == GENERALIST else data.body_parts == cand.scope
+    cols = slice(None) if cand.scope == GENERALIST_SCOPE else data.body_parts == cand.scope
     have = np.isfinite(data.probs[row, cols])
     return int(have.sum()), int(have.size)
 
 
 def drop_incomplete(
-    candidates: list[Candidate], val: SplitData
-) -> tuple[list[Candidate], SplitData, list[dict]]:
+    candidates: list[Candidate], val: StudyProbs
+) -> tuple[list[Candidate], StudyProbs, list[dict]]:
     """Skip candidates that do not predict every val study of their scope."""
     keep, skipped = [], []
     for i, cand in enumerate(candidates):
@@ -157,9 +156,9 @@ def drop_incomplete(
                     "reason": f"predicts {have} of {need} val studies of scope {cand.scope}",
                 }
             )
-    if not any(candidates[i].scope == GENERALIST for i in keep):
+    if not any(candidates[i].scope == GENERALIST_SCOPE for i in keep):
         raise ExperimentError(
-            "no usable generalist (scope 'all') trial with complete val predictions"
+            f"no usable generalist (scope {GENERALIST_SCOPE!r}) trial with complete val predictions"
         )
-    sub = SplitData(val.split, val.study_ids, val.body_parts, val.labels, val.probs[keep])
+    sub = StudyProbs(val.split, val.study_ids, val.body_parts, val.labels, val.probs[keep])
     return [candidates[i] for i in keep], sub, skipped

@@ -24,7 +24,7 @@ could not be read, ``OUT.skipped.csv`` (``image_path, reason``).
 
 from __future__ import annotations
 
-import json
+import logging
 import re
 import sys
 from dataclasses import dataclass, field
@@ -37,8 +37,10 @@ from tqdm.auto import tqdm
 
 from mura_tune.data.images import ImageReadError, letterbox, load_gray
 from mura_tune.data.mura import read_dataset
+from mura_tune.constants import MURA_ROOT
 from mura_tune.errors import ConfigError, DataError, ExperimentError
 from mura_tune.io import write_parquet, write_text
+from mura_tune.layout import GENERALIST_ENSEMBLE, SERVED_BY_PART, EnsembleDir, read_manifest
 from mura_tune.metrics import study_table
 
 if TYPE_CHECKING:  # torch is imported where a model runs: a bad flag or folder fails in a second
@@ -46,9 +48,10 @@ if TYPE_CHECKING:  # torch is imported where a model runs: a bad flag or folder 
 
     from mura_tune.train.engine import Engine
 
-GENERALIST = "generalist"
+log = logging.getLogger(__name__)
+
 UNKNOWN_PART = "unknown"
-ROOT_NAME = "MURA-v1.1"
+ROOT_NAME = MURA_ROOT
 PART_DIR = re.compile(r"^XR_[A-Z]+$")
 BATCH_SIZE = 64
 
@@ -66,38 +69,16 @@ class Member:
 
 
 # --------------------------------------------------------------------------------- manifest
-def read_ensemble_manifest(ensemble_dir: str | Path) -> tuple[dict, Path]:
-    """Read ``<ensemble_dir>/manifest.json``.
-
-    Raises:
-        ExperimentError: missing folder or manifest, or a manifest without members.
-    """
-    folder = Path(ensemble_dir).expanduser()
-    path = folder / "manifest.json"
-    if not path.is_file():
-        raise ExperimentError(
-            f"no manifest.json in ensemble folder {folder} (build one with `mura-tune ensemble`)"
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ExperimentError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
-    gen = manifest.get("ensembles", {}).get(GENERALIST, {}) if isinstance(manifest, dict) else {}
-    if not gen.get("members"):
-        raise ExperimentError(f"{path} lists no generalist ensemble members")
-    return manifest, path
-
-
 def ensemble_routes(manifest: dict) -> dict[str, list[tuple[str, str, float]]]:
-    """The ensembles in use: ``{"generalist" | part: [(trial_id, checkpoint_path, weight)]}``.
+    """The ensembles in use: ``{GENERALIST_ENSEMBLE | part: [(trial_id, checkpoint_path, weight)]}``.
 
     A part appears only if the manifest's routing serves it with its own ensemble.
     """
     ensembles, routing = manifest["ensembles"], manifest.get("routing", {})
     routes = {}
     for key, ens in ensembles.items():
-        served = routing.get(key, {}).get("served_by") == "part"
-        if key == GENERALIST or (served and ens.get("used", True)):
+        served = routing.get(key, {}).get("served_by") == SERVED_BY_PART
+        if key == GENERALIST_ENSEMBLE or (served and ens.get("used", True)):
             routes[key] = [
                 (str(m["trial_id"]), str(m["checkpoint_path"]), float(m["weight"]))
                 for m in ens["members"]
@@ -170,9 +151,9 @@ def read_images(data: str | Path) -> tuple[pd.DataFrame, Path]:
     elif path.name == ROOT_NAME or (path / ROOT_NAME).is_dir():
         dataset = read_dataset(path, strict=False)
         for problem in dataset.problems[:5]:
-            print(f"  skipped index line: {problem}")
+            log.info("  skipped index line: %s", problem)
         if len(dataset.problems) > 5:
-            print(f"  ... {len(dataset.problems) - 5} more index problems")
+            log.info("  ... %d more index problems", len(dataset.problems) - 5)
         table, root = dataset.table, dataset.root
     else:
         table, root = scan_study_folders(path), path.resolve()
@@ -212,7 +193,7 @@ def scan_study_folders(root: Path) -> pd.DataFrame:
 
 # ------------------------------------------------------------------------------- inference
 def _route_of(parts: pd.Series, routes: dict) -> np.ndarray:
-    return np.array([p if p in routes and p != GENERALIST else GENERALIST for p in parts])
+    return np.array([p if p in routes and p != GENERALIST_ENSEMBLE else GENERALIST_ENSEMBLE for p in parts])
 
 
 def image_probabilities(
@@ -347,7 +328,8 @@ def predict_with_ensemble(
         )
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    manifest, manifest_path = read_ensemble_manifest(ensemble_dir)
+    manifest = read_manifest(ensemble_dir)
+    manifest_path = EnsembleDir(Path(ensemble_dir).expanduser()).manifest
     from mura_tune.train.engine import Engine
 
     engine = Engine(device)
@@ -357,11 +339,11 @@ def predict_with_ensemble(
     route = _route_of(table["body_part"], routes)
     sizes = sorted({m.image_size for m in members.values()})
     served = ", ".join(f"{k}: {len(v)} model(s)" for k, v in routes.items())
-    print(
+    log.info(
         f"ensemble {manifest.get('name', Path(ensemble_dir).name)}: {len(members)} checkpoint(s) "
         f"at {sizes} px on {engine.device}; {served}"
     )
-    print(f"predicting {len(table)} images in {table['study_id'].nunique()} studies from {data}")
+    log.info(f"predicting {len(table)} images in {table['study_id'].nunique()} studies from {data}")
 
     probs, skipped = image_probabilities(table, members, route, engine, batch_size, progress)
     ok = ~table["image_path"].isin({p for p, _ in skipped}).to_numpy()
@@ -390,12 +372,12 @@ def predict_with_ensemble(
     if skipped:
         text = pd.DataFrame(skipped, columns=["image_path", "reason"]).to_csv(index=False)
         written.append(write_text(side, text))
-        print(
+        log.info(
             f"skipped {len(skipped)} unreadable image(s) (listed in {side}); first: {skipped[0][0]}: {skipped[0][1]}"
         )
     elif side.exists():
         side.unlink()  # a list from an earlier run would be wrong now
     if lost:
-        print(f"{len(lost)} studies have no readable image and no prediction (first: {lost[0]})")
-    print(f"predicted {len(studies)} studies ({len(readable)} images) relative to {root}")
+        log.info(f"{len(lost)} studies have no readable image and no prediction (first: {lost[0]})")
+    log.info(f"predicted {len(studies)} studies ({len(readable)} images) relative to {root}")
     return written

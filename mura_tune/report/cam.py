@@ -13,6 +13,7 @@ Inputs are prepared and the model is run through :class:`mura_tune.train.engine.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,8 @@ from mura_tune.train.checkpoint import load_checkpoint
 from mura_tune.train.config import TrainConfig
 from mura_tune.train.engine import Engine
 from mura_tune.train.models import MuraNet
+
+log = logging.getLogger(__name__)
 
 #: Opacity of the heat map over the radiograph.
 ALPHA = 0.45
@@ -200,10 +203,8 @@ def cam_command(
         picture, prob = cam_image(net, config, src, engine)
         written.append(save_overlay(picture, prob, dest))
         probs.append(prob)
-        print(f"{src}: p(abnormal) = {prob:.3f}")
+        log.info(f"{src}: p(abnormal) = {prob:.3f}")
     if study is not None:
         verdict = "abnormal" if np.mean(probs) > 0.5 else "normal"
-        print(
-            f"study {study}: mean p(abnormal) = {np.mean(probs):.3f} over {len(probs)} view(s) -> {verdict}"
-        )
+        log.info(f"study {study}: mean p(abnormal) = {np.mean(probs):.3f} over {len(probs)} view(s) -> {verdict}")
     return written

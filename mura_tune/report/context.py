@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import html
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from mura_tune.constants import ERROR, METRIC
+from mura_tune.constants import METRIC
 from mura_tune.errors import ExperimentError
 from mura_tune.io import atomic_path
+from mura_tune.layout import (
+    GENERALIST_SCOPE,
+    EnsembleDir,
+    ExperimentDir,
+    TrialDir,
+    TrialStatus,
+    read_json,
+    read_manifest,
+)
 from mura_tune.metrics import study_table
-from mura_tune.search.leaderboard import build_leaderboard
+from mura_tune.search.leaderboard import load_leaderboard
 
 
 @dataclass
@@ -36,22 +44,20 @@ def load_context(experiment: str | Path, ensemble: str | Path | None, out: str |
     exp = Path(experiment).expanduser().resolve()
     if not exp.is_dir():
         raise ExperimentError(f"--experiment {exp}: folder not found")
-    if (exp / "leaderboard.parquet").is_file():
-        board = pd.read_parquet(exp / "leaderboard.parquet")
-    else:
-        board = build_leaderboard(exp)
-    out_dir = Path(out).expanduser().resolve() if out else exp / "report"
-    ctx = Context(exp=exp, out=out_dir, board=board, plan=read_json(exp / "experiment.json"))
-    ctx.out.mkdir(parents=True, exist_ok=True)
+    board = load_leaderboard(exp)
+    folder = ExperimentDir(exp)
+    out_dir = Path(out).expanduser().resolve() if out else folder.report
+    ctx = Context(exp=exp, out=out_dir, board=board, plan=read_json(folder.plan) or {})
     if ensemble is not None:
-        ens = Path(ensemble).expanduser().resolve()
-        for name in ("manifest.json", "report.json"):
-            if not (ens / name).is_file():
-                raise ExperimentError(
-                    f"--ensemble {ens}: no {name} (expected ensembles/NAME from `mura-tune ensemble`)"
-                )
-        ctx.ensemble, ctx.manifest = ens, json.loads((ens / "manifest.json").read_text())
-        ctx.ens_report = json.loads((ens / "report.json").read_text())
+        ens = EnsembleDir(Path(ensemble).expanduser().resolve())
+        ctx.manifest = read_manifest(ens.path)
+        ctx.ens_report = read_json(ens.report)
+        if ctx.ens_report is None:
+            raise ExperimentError(
+                f"--ensemble {ens.path}: no readable {ens.report.name} (expected ensembles/NAME from `mura-tune ensemble`)"
+            )
+        ctx.ensemble = ens.path
+    ctx.out.mkdir(parents=True, exist_ok=True)
     ctx.best = _best_single(ctx)
     ctx.metrics = _trial_metrics(board)
     return ctx
@@ -60,28 +66,25 @@ def load_context(experiment: str | Path, ensemble: str | Path | None, out: str |
 def _best_single(ctx: Context) -> pd.Series | None:
     """The ensemble's best single model if given, else the top usable generalist of the leaderboard."""
     board = ctx.board
-    usable = board[(board["status"] != ERROR) & board["predictions_path"].notna()]
+    usable = board[(board["status"] != TrialStatus.ERROR) & board["predictions_path"].notna()]
     if ctx.manifest is not None:
         chosen = usable[usable["trial_id"] == ctx.manifest["baselines"]["best_single"]["trial_id"]]
         if len(chosen):
             return chosen.iloc[0]
-    generalists = usable[usable["scope"] == "all"] if (usable["scope"] == "all").any() else usable
+    is_generalist = usable["scope"] == GENERALIST_SCOPE
+    generalists = usable[is_generalist] if is_generalist.any() else usable
     return generalists.iloc[0] if len(generalists) else None
 
 
 def _trial_metrics(board: pd.DataFrame) -> dict[str, pd.DataFrame]:
     out = {}
     for row in board.itertuples():
-        path = Path(row.trial_dir) / "metrics.parquet"
+        path = TrialDir(Path(row.trial_dir)).metrics
         if path.is_file():
             frame = pd.read_parquet(path)
             if METRIC in frame and len(frame):
                 out[row.trial_id] = frame
     return out
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def test_studies(predictions: str | Path) -> pd.DataFrame:

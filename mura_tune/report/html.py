@@ -23,6 +23,7 @@ import pandas as pd
 
 from mura_tune.constants import METRIC
 from mura_tune.io import write_text
+from mura_tune.layout import REPORT_HTML, SERVED_BY_PART, ExperimentDir
 from mura_tune.report import plots
 from mura_tune.report.context import Context, load_context, note, table, test_studies
 
@@ -99,10 +100,7 @@ def write_report(
         + "\n".join(body)
         + "\n</body></html>\n"
     )
-    path = write_text(ctx.out / "report.html", page)
-    for png in ctx.written:
-        print(f"wrote {png}")
-    return path
+    return write_text(ctx.out / REPORT_HTML, page)  # the CLI lists what this run wrote
 
 
 def _header(ctx: Context) -> str:
@@ -115,7 +113,7 @@ def _header(ctx: Context) -> str:
         "<p>Trials are ranked and selected on the validation carve-out of train; <b>test</b> is MURA's official "
         "valid set, reported only, never used to choose.</p>",
         f"<p>Interactive views: <code>tensorboard --logdir {html.escape(str(ctx.exp))}</code> and "
-        f"<code>optuna-dashboard sqlite:///{html.escape(str(ctx.exp / 'optuna.db'))}</code>.</p>",
+        f"<code>optuna-dashboard sqlite:///{html.escape(str(ExperimentDir(ctx.exp).optuna_db))}</code>.</p>",
     ]
     if ctx.ensemble is not None:
         lines.append(f"<p>Ensemble <code>{html.escape(str(ctx.ensemble))}</code>.</p>")
@@ -137,7 +135,7 @@ def _routing(ctx: Context) -> str:
         ens = ctx.manifest["ensembles"].get(part, {})
         members = (
             ", ".join(f"{m['trial_id']} ({m['weight']:.2f})" for m in ens.get("members", []))
-            if r["served_by"] == "part"
+            if r["served_by"] == SERVED_BY_PART
             else ""
         )
         rows.append(

@@ -12,9 +12,18 @@ import math
 import numpy as np
 import pandas as pd
 
-from mura_tune.constants import BODY_PARTS, COMPLETED, ERROR, METRIC, PRUNED
+from mura_tune.constants import BODY_PARTS, METRIC
+from mura_tune.layout import (
+    GENERALIST_ENSEMBLE,
+    GENERALIST_SCOPE,
+    EnsembleDir,
+    ExperimentDir,
+    TrialStatus,
+    read_json,
+    study_name,
+)
 from mura_tune.metrics import roc_auc, score_studies
-from mura_tune.report.context import Context, figure, note, read_json, table, test_studies
+from mura_tune.report.context import Context, figure, note, table, test_studies
 
 #: Study-level Cohen's kappa on MURA's hidden test set, Rajpurkar et al. 2017, "MURA: Large Dataset
 #: for Abnormality Detection in Musculoskeletal Radiographs" (arXiv:1712.06957), Table 2:
@@ -30,7 +39,11 @@ MURA_PAPER_KAPPA = {
     "overall": (0.705, 0.778),
 }
 MURA_PAPER_AUROC = 0.929
-STATUS_STYLE = {COMPLETED: ("tab:blue", "-"), PRUNED: ("tab:orange", "--"), ERROR: ("tab:red", ":")}
+STATUS_STYLE = {
+    TrialStatus.COMPLETED: ("tab:blue", "-"),
+    TrialStatus.PRUNED: ("tab:orange", "--"),
+    TrialStatus.ERROR: ("tab:red", ":"),
+}
 N_BOOT = 1000
 
 
@@ -62,14 +75,14 @@ def learning_curves(ctx: Context) -> str:
         ax.axvline(rung, color="0.85", lw=1, zorder=0)
     seen = set()
     for trial_id, frame in metrics.items():
-        st = status.get(trial_id, COMPLETED)
+        st = status.get(trial_id, TrialStatus.COMPLETED)
         colour, style = STATUS_STYLE.get(st, ("tab:gray", "-"))
         label = None if st in seen else st.lower()
         seen.add(st)
         ax.plot(
             frame["epoch"], frame[METRIC], ls=style, color=colour, lw=1.2, alpha=0.8, label=label
         )
-        if st in (PRUNED, ERROR):
+        if st in (TrialStatus.PRUNED, TrialStatus.ERROR):
             ax.plot(
                 frame["epoch"].iloc[-1],
                 frame[METRIC].iloc[-1],
@@ -98,8 +111,8 @@ def wall_time(ctx: Context) -> str:
 
     events, starts = [], []
     for trial_id, frame in ctx.metrics.items():
-        trial_dir = ctx.exp / "trials" / trial_id
-        meta, summary = read_json(trial_dir / "trial.json"), read_json(trial_dir / "summary.json")
+        trial = ExperimentDir(ctx.exp).trial(trial_id)
+        meta, summary = read_json(trial.trial_json) or {}, read_json(trial.summary) or {}
         if "started" not in meta or "epoch_seconds" not in frame:
             continue
         secs = frame["epoch_seconds"].fillna(0).to_numpy(dtype=float)
@@ -140,15 +153,16 @@ def wall_time(ctx: Context) -> str:
 
 
 def _study_name(ctx: Context, names: list[str]) -> str | None:
-    scopes = list(ctx.plan.get("scopes") or {"all": 0})
-    wanted = f"{ctx.plan.get('name', ctx.exp.name)}:{scopes[0]}"
+    scopes = list(ctx.plan.get("scopes") or {GENERALIST_SCOPE: 0})
+    wanted = study_name(ctx.plan.get("name", ctx.exp.name), scopes[0])
     if wanted in names:
         return wanted
-    return next((n for n in names if n.endswith(":all")), names[0] if names else None)
+    generalist = study_name("", GENERALIST_SCOPE)
+    return next((n for n in names if n.endswith(generalist)), names[0] if names else None)
 
 
 def importance(ctx: Context) -> str:
-    db = ctx.exp / "optuna.db"
+    db = ExperimentDir(ctx.exp).optuna_db
     if not db.is_file():
         return note(f"no Optuna storage at {db}")
     import matplotlib.pyplot as plt
@@ -197,7 +211,7 @@ def _param_scatter(ctx: Context, param: str) -> str:
     col = f"hp_{param}"
     if col not in ctx.board:
         return note(f"{param}: not in the leaderboard")
-    data = ctx.board[ctx.board["status"] != ERROR][[col, METRIC, "status"]].dropna()
+    data = ctx.board[ctx.board["status"] != TrialStatus.ERROR][[col, METRIC, "status"]].dropna()
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     values = data[col]
     numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
@@ -219,7 +233,7 @@ def _param_scatter(ctx: Context, param: str) -> str:
                 s=18,
                 color=colour,
                 label=st.lower(),
-                marker="o" if st == COMPLETED else "x",
+                marker="o" if st == TrialStatus.COMPLETED else "x",
             )
     ax.set(xlabel=param, ylabel=f"{METRIC} (val)")
     ax.legend(fontsize=7)
@@ -239,7 +253,7 @@ def roc(ctx: Context) -> str:
         notes.append("no usable single model")
     if ctx.ensemble is not None:
         ens = pd.read_parquet(
-            ctx.ensemble / "predictions.parquet", filters=[("split", "==", "test")]
+            EnsembleDir(ctx.ensemble).predictions, filters=[("split", "==", "test")]
         )
         curves.append(("ensemble", ens))
     else:
@@ -339,7 +353,7 @@ def ensemble_trajectory(ctx: Context) -> str:
 
     if ctx.manifest is None:
         return note("no ensemble given (--ensemble ensembles/NAME)")
-    ens = ctx.manifest["ensembles"]["generalist"]
+    ens = ctx.manifest["ensembles"][GENERALIST_ENSEMBLE]
     traj = pd.DataFrame(ens["trajectory"])
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
     for phase, marker in (("init", "s"), ("greedy", "o")):

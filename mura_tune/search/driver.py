@@ -18,12 +18,12 @@ ones untouched and re-queues in Optuna what the dead driver had started but Ray 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 
@@ -32,10 +32,12 @@ from mura_tune.errors import ConfigError, ExperimentError
 from mura_tune.search.leaderboard import build_leaderboard, read_ray_state
 from mura_tune.search.plan import SearchPlan
 from mura_tune.search.prepare import prepare_experiment
-from mura_tune.search.recovery import ORPHANED_DIR, _drop_resume_states, recover_scope, scope_done
+from mura_tune.search.recovery import drop_resume_states, recover_scope, scope_done
 from mura_tune.search.searcher import make_scheduler, make_searcher
 from mura_tune.search.spaces import get_space
-from mura_tune.search.trainable import _trainable, trial_dirname, trial_name
+from mura_tune.search.trainable import trainable_for, trial_dirname, trial_name
+
+log = logging.getLogger(__name__)
 
 REPORT_COLUMNS = [METRIC, "val_auc", "val_loss", "train_loss", "epoch"]
 
@@ -73,7 +75,7 @@ def _run_scope(plan: SearchPlan, scope: str, resume: bool, stop, callbacks, verb
     from ray import tune
 
     ray_dir = plan.ray_dir(scope)
-    trainable = _trainable(plan, scope)
+    trainable = trainable_for(plan, scope)
     if resume and tune.Tuner.can_restore(str(ray_dir)) and read_ray_state(ray_dir) is not None:
         # A restored run keeps the stop criteria and callbacks it was started with.
         tuner = tune.Tuner.restore(
@@ -108,7 +110,7 @@ def build_tuner(plan: SearchPlan, scope: str, trainable=None, stop=None, callbac
         mode=MODE,
     )
     return tune.Tuner(
-        trainable or _trainable(plan, scope),
+        trainable or trainable_for(plan, scope),
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             scheduler=make_scheduler(plan),
@@ -180,19 +182,15 @@ def run_search(
     """
     if not resume:
         # A folder holding only what an interrupted preparation wrote (no experiment.json yet) is reused.
-        leftovers = {p.name for p in Path(plan.exp_dir).glob("[!.]*")} - {
-            "split.parquet",
-            "skipped_images.parquet",
-        }
+        exp = plan.experiment
+        leftovers = {p.name for p in exp.path.glob("[!.]*")} - {exp.split.name, exp.skipped.name}
         if leftovers:
             raise ExperimentError(
                 f"experiment {plan.exp_dir} already exists; pass --resume to continue it or choose another --name"
             )
         prepare_experiment(plan)
         plan.save()
-    print(
-        f"mura-tune: experiment {plan.exp_dir} ({', '.join(f'{s}: {n} trials' for s, n in plan.scopes.items())})"
-    )
+    log.info(f"experiment {plan.exp_dir} ({', '.join(f'{s}: {n} trials' for s, n in plan.scopes.items())})")
     init_ray(plan.address)
     interrupted = budget_reached = False
     previous_term = _forward_sigterm()
@@ -203,14 +201,14 @@ def run_search(
                     continue
                 moved, requeued = recover_scope(plan, scope)
                 if moved or requeued:
-                    print(
-                        f"mura-tune: {scope}: {requeued} trial(s) the stopped driver had started but Ray had not "
-                        f"recorded will run again with the same parameters (old folders: {Path(plan.exp_dir) / ORPHANED_DIR})"
+                    log.info(
+                        f"{scope}: {requeued} trial(s) the stopped driver had started but Ray had not recorded "
+                        f"will run again with the same parameters (old folders: {plan.experiment.orphaned})"
                     )
             started = time.monotonic()
             _run_scope(plan, scope, resume, stop, callbacks, verbose)
             if scope_done(plan, scope):
-                _drop_resume_states(plan, scope)
+                drop_resume_states(plan, scope)
             elif plan.time_budget_s and time.monotonic() - started >= plan.time_budget_s:
                 budget_reached = True  # unfinished trials keep their resume.pt: --resume continues
             else:

@@ -16,17 +16,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mura_tune.constants import COMPLETED, ERROR, METRIC, MODE, PRUNED
+from mura_tune.constants import METRIC, MODE
 from mura_tune.errors import ExperimentError
 from mura_tune.io import write_parquet
+from mura_tune.layout import RUN_ENDED, TRIAL_FILE, UNFINISHED, ExperimentDir, TrialStatus, read_json
 from mura_tune.metrics import bootstrap_intervals, split_metrics, study_table
-from mura_tune.search.plan import SPECIALISTS_DIR
 
-LEADERBOARD = "leaderboard.parquet"
-#: trials/<id>/recovered.json: a trial only Optuna saw end (the driver died before Ray saved it);
-#: written by ``--resume`` (:func:`mura_tune.search.recovery.recover_scope`).
-RECOVERED_FILE = "recovered.json"
-RUNNING = "RUNNING"
 FIRST_COLUMNS = [
     "experiment",
     "trial_id",
@@ -69,12 +64,10 @@ def read_ray_state(folder: str | Path) -> dict[str, dict] | None:
     return None
 
 
-def _ray_trial_states(exp_dir: Path) -> dict[str, dict]:
+def _ray_trial_states(exp: ExperimentDir) -> dict[str, dict]:
     """trial_id -> Ray's record, from every Ray experiment folder (main scope and specialists)."""
-    specialists = exp_dir / SPECIALISTS_DIR
-    folders = [exp_dir, *sorted(p for p in specialists.glob("*") if p.is_dir())]
     states: dict[str, dict] = {}
-    for folder in folders:
+    for folder in exp.ray_dirs():
         states.update(read_ray_state(folder) or {})
     return states
 
@@ -92,37 +85,38 @@ def _ray_error_line(state: dict) -> str | None:
 
 def _status(
     ray_state: dict | None, summary: dict | None, error: dict | None, recovered: dict | None = None
-) -> tuple[str, str | None]:
+) -> tuple[TrialStatus, str | None]:
     """(status, reason) of one trial from Ray's record and the trial's own files.
 
     Ray's record decides whether a trial errored, is unfinished or was stopped by ASHA; the
     trial's ``summary.json`` is written before Ray hears of the last epoch, so a final summary
     means COMPLETED even if the driver stopped before Ray saved that. ``error.json`` of an
-    attempt that Ray retried successfully is not an error.
+    attempt that Ray retried successfully is not an error. (Ray's own status names are
+    TrialStatus's uppercase words; ``recovered.json`` holds Optuna's state name.)
     """
     final = (summary or {}).get("status")
     reason = (error or {}).get("reason") or (summary or {}).get("reason")
-    if final == "diverged":
-        return ERROR, reason
-    if ray_state is not None and ray_state["status"] == "ERROR":
-        return ERROR, reason or _ray_error_line(ray_state) or "trial failed (see Ray's error.txt)"
-    if final in ("completed", "early_stopped"):
-        return COMPLETED, None
+    if final == TrialStatus.DIVERGED:
+        return TrialStatus.ERROR, reason
+    if ray_state is not None and ray_state["status"] == TrialStatus.ERROR:
+        return TrialStatus.ERROR, reason or _ray_error_line(ray_state) or "trial failed (see Ray's error.txt)"
+    if final in RUN_ENDED:
+        return TrialStatus.COMPLETED, None
     if ray_state is None:
         told = (recovered or {}).get("optuna_state")  # only Optuna saw it end (written by --resume)
         if error is not None or told == "FAIL":
-            return ERROR, reason or "trial failed"
+            return TrialStatus.ERROR, reason or "trial failed"
         if told == "PRUNED":
-            return PRUNED, "stopped by ASHA"
+            return TrialStatus.PRUNED, "stopped by ASHA"
         return (
-            RUNNING,
+            TrialStatus.RUNNING,
             "not in Ray's saved state (just started, or the driver stopped first; --resume re-runs it)",
         )
-    if ray_state["status"] in ("PENDING", "RUNNING", "PAUSED"):
-        return ray_state["status"], None
+    if ray_state["status"] in UNFINISHED:
+        return TrialStatus(ray_state["status"]), None
     if ray_state["last_result"].get("trial_finished"):
-        return COMPLETED, None
-    return PRUNED, "stopped by ASHA"
+        return TrialStatus.COMPLETED, None
+    return TrialStatus.PRUNED, "stopped by ASHA"
 
 
 def build_leaderboard(exp_dir: str | Path, write: bool = True) -> pd.DataFrame:
@@ -131,35 +125,29 @@ def build_leaderboard(exp_dir: str | Path, write: bool = True) -> pd.DataFrame:
     Raises:
         ExperimentError: the folder does not exist or holds no trials.
     """
-    exp_dir = Path(exp_dir).expanduser().resolve()
-    if not exp_dir.is_dir():
-        raise ExperimentError(f"experiment folder not found: {exp_dir}")
-    trial_dirs = sorted(p for p in (exp_dir / "trials").glob("*") if (p / "trial.json").exists())
-    if not trial_dirs:
-        raise ExperimentError(
-            f"no trials in {exp_dir} (expected {exp_dir / 'trials'}/<id>/trial.json)"
-        )
-    ray_states = _ray_trial_states(exp_dir)
+    exp = ExperimentDir(Path(exp_dir).expanduser().resolve())
+    if not exp.path.is_dir():
+        raise ExperimentError(f"experiment folder not found: {exp.path}")
+    trials = exp.trial_dirs()
+    if not trials:
+        raise ExperimentError(f"no trials in {exp.path} (expected {exp.trials}/<id>/{TRIAL_FILE})")
+    ray_states = _ray_trial_states(exp)
     rows = []
-    for trial_dir in trial_dirs:
-        meta = json.loads((trial_dir / "trial.json").read_text())
-        summary = _read_json(trial_dir / "summary.json")
-        error = _read_json(trial_dir / "error.json")
-        recovered = _read_json(trial_dir / RECOVERED_FILE)
+    for trial in trials:
+        meta = json.loads(trial.trial_json.read_text())
+        summary = read_json(trial.summary)
+        error = read_json(trial.error)
+        recovered = read_json(trial.recovered)
         status, reason = _status(ray_states.get(meta["trial_id"]), summary, error, recovered)
         row = {
-            "experiment": exp_dir.name,
+            "experiment": exp.path.name,
             "trial_id": meta["trial_id"],
             "space": meta["space"],
             "scope": meta["scope"],
-            "status": status,
+            "status": status.value,
             "reason": reason,
         }
-        metrics = (
-            pd.read_parquet(trial_dir / "metrics.parquet")
-            if (trial_dir / "metrics.parquet").exists()
-            else None
-        )
+        metrics = pd.read_parquet(trial.metrics) if trial.metrics.exists() else None
         row["epochs"] = int(len(metrics)) if metrics is not None else 0
         best_val, best_test, best_epoch = {}, {}, None
         if (
@@ -171,7 +159,7 @@ def build_leaderboard(exp_dir: str | Path, write: bool = True) -> pd.DataFrame:
             if best_epoch > 0:
                 best_row = metrics[metrics["epoch"] == best_epoch].iloc[0]
                 best_val = {k: best_row[k] for k in metrics.columns if k.startswith("val_")}
-        best_pt, preds_path = trial_dir / "best.pt", trial_dir / "predictions.parquet"
+        best_pt, preds_path = trial.checkpoint, trial.predictions
         predictions = pd.read_parquet(preds_path) if preds_path.exists() else None
         if summary is not None and summary.get("test"):
             best_test = summary["test"]
@@ -179,16 +167,17 @@ def build_leaderboard(exp_dir: str | Path, write: bool = True) -> pd.DataFrame:
             test = predictions[predictions["split"] == "test"]
             best_test = split_metrics(test, "test") if len(test) else {}
         row["best_epoch"] = best_epoch
-        if status == ERROR:
+        failed = status == TrialStatus.ERROR
+        if failed:
             best_val = {}  # errors are never reported as scores
         row.update({k: _float(v) for k, v in best_val.items()})
-        row.update({k: _float(v) for k, v in best_test.items()} if status != ERROR else {})
-        if predictions is not None and status != ERROR:
+        row.update({k: _float(v) for k, v in best_test.items()} if not failed else {})
+        if predictions is not None and not failed:
             row.update(kappa_intervals(predictions))
         for key, value in meta["params"].items():
             row[f"hp_{key}"] = value
-        row["checkpoint_path"] = str(best_pt) if best_pt.exists() and status != ERROR else None
-        row["predictions_path"] = str(preds_path) if predictions is not None and status != ERROR else None
+        row["checkpoint_path"] = str(best_pt) if best_pt.exists() and not failed else None
+        row["predictions_path"] = str(preds_path) if predictions is not None and not failed else None
         row["wall_seconds"] = _float(
             (summary or {}).get(
                 "wall_seconds",
@@ -206,13 +195,13 @@ def build_leaderboard(exp_dir: str | Path, write: bool = True) -> pd.DataFrame:
         row["node_ids"] = ",".join(dict.fromkeys(str(a.get("node_id")) for a in attempts))
         row["failures"] = int((ray_states.get(meta["trial_id"]) or {}).get("failures", 0))
         row["weights_source"] = (summary or {}).get("weights_source") or meta.get("weights_source")
-        row["trial_dir"] = str(trial_dir)
+        row["trial_dir"] = str(trial.path)
         rows.append(row)
     board = _typed(pd.DataFrame(rows))
     if METRIC not in board:
         board[METRIC] = np.nan
     # Errors rank last whatever they reported; then the metric, NaN last.
-    board["_error"] = board["status"] == ERROR
+    board["_error"] = board["status"] == TrialStatus.ERROR
     board = board.sort_values(
         ["_error", METRIC], ascending=[True, MODE == "min"], na_position="last", kind="stable"
     )
@@ -225,7 +214,7 @@ def build_leaderboard(exp_dir: str | Path, write: bool = True) -> pd.DataFrame:
     )
     board = board[ordered]
     if write:
-        write_parquet(exp_dir / LEADERBOARD, board)
+        write_parquet(exp.leaderboard, board)
     return board
 
 
@@ -262,13 +251,6 @@ def _typed(board: pd.DataFrame) -> pd.DataFrame:
     return board
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
 def _float(value) -> float:
     try:
         return float(value)
@@ -277,7 +259,8 @@ def _float(value) -> float:
 
 
 def load_leaderboard(exp_dir: str | Path) -> pd.DataFrame:
-    path = Path(exp_dir) / LEADERBOARD
+    """The experiment's ``leaderboard.parquet``, built first if a search stopped before writing it."""
+    path = ExperimentDir(Path(exp_dir)).leaderboard
     return pd.read_parquet(path) if path.exists() else build_leaderboard(exp_dir)
 
 

@@ -31,10 +31,9 @@ from typing import Any
 from mura_tune.constants import BODY_PARTS
 from mura_tune.errors import ConfigError, ExperimentError, Range
 from mura_tune.io import write_json
+from mura_tune.layout import GENERALIST_SCOPE, ExperimentDir
 from mura_tune.train.config import TrainConfig
 
-EXPERIMENT_FILE = "experiment.json"
-SPECIALISTS_DIR = "specialists"  # <exp>/specialists/<PART>/: the Ray folder of each specialist search
 URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 #: The numeric rules of a plan's fields: the CLI parses its flags with them, the plan checks them.
 RULES = {
@@ -123,7 +122,7 @@ class SearchPlan:
     # --- resolved ---------------------------------------------------------------------------------
     exp_dir: str = field(init=False, default="")
     fixed: dict[str, Any] = field(init=False, default_factory=dict)
-    scopes: dict[str, int] = field(init=False, default_factory=dict)  # "all" or a body part -> trials
+    scopes: dict[str, int] = field(init=False, default_factory=dict)  # GENERALIST_SCOPE or a part -> trials
     split_path: str = field(init=False, default="")
     created: float = field(init=False, default=0.0)
 
@@ -170,7 +169,7 @@ class SearchPlan:
         unknown = [k for k in fixed if k not in TrainConfig.__dataclass_fields__]
         _check(not unknown, f"--set {unknown[0] if unknown else ''}: not a config field")
         self.fixed = fixed
-        self.scopes = {self.body_part or "all": self.num_samples}
+        self.scopes = {self.body_part or GENERALIST_SCOPE: self.num_samples}
         if self.specialists:
             per_part = self.specialist_samples or max(2, self.num_samples // 4)
             self.scopes.update({part: per_part for part in BODY_PARTS})
@@ -184,16 +183,21 @@ class SearchPlan:
         self.space = space.source if self.space.endswith(".py") else space.name
         self.data = str(Path(self.data).expanduser().resolve()) if self.data else None
         self.exp_dir = str(results / self.name)
-        self.split_path = str(results / self.name / "split.parquet")
+        self.split_path = str(self.experiment.split)
         self.created = time.time()
+
+    @property
+    def experiment(self) -> ExperimentDir:
+        """The experiment's folder and the paths in it."""
+        return ExperimentDir(Path(self.exp_dir))
 
     def ray_dir(self, scope: str) -> Path:
         """The Ray experiment folder of one scope (the experiment folder itself for the main scope)."""
         main = next(iter(self.scopes))
-        return Path(self.exp_dir) if scope == main else Path(self.exp_dir) / SPECIALISTS_DIR / scope
+        return self.experiment.path if scope == main else self.experiment.specialists / scope
 
     def save(self) -> None:
-        write_json(Path(self.exp_dir) / EXPERIMENT_FILE, asdict(self))
+        write_json(self.experiment.plan, asdict(self))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SearchPlan:
@@ -210,9 +214,9 @@ class SearchPlan:
 
     @classmethod
     def load(cls, exp_dir: str | Path) -> SearchPlan:
-        path = Path(exp_dir) / EXPERIMENT_FILE
+        path = ExperimentDir(Path(exp_dir)).plan
         if not path.exists():
-            raise ExperimentError(f"no experiment at {Path(exp_dir)} (missing {EXPERIMENT_FILE})")
+            raise ExperimentError(f"no experiment at {Path(exp_dir)} (missing {path.name})")
         return cls.from_dict(json.loads(path.read_text()))
 
     @classmethod
@@ -227,9 +231,9 @@ class SearchPlan:
         if not name:
             raise ConfigError("--resume needs --name of the experiment to continue")
         exp_dir = results_dir(results) / name
-        if not (exp_dir / EXPERIMENT_FILE).exists():
+        if not ExperimentDir(exp_dir).plan.exists():
             raise ExperimentError(
-                f"--resume: no experiment {name!r} in {exp_dir.parent} (missing {exp_dir / EXPERIMENT_FILE})"
+                f"--resume: no experiment {name!r} in {exp_dir.parent} (missing {ExperimentDir(exp_dir).plan})"
             )
         plan = cls.load(exp_dir)
         named = str(Path(space).expanduser().resolve()) if space.endswith(".py") else space

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import logging
 
 from mura_tune.data.cache import build_cache
 from mura_tune.data.mura import read_dataset
@@ -15,6 +14,8 @@ from mura_tune.search.spaces import get_space
 from mura_tune.train.pretrain import resolve_pretrained
 from mura_tune.train.weights import check_weights_split
 
+log = logging.getLogger(__name__)
+
 
 def prepare_experiment(plan: SearchPlan) -> None:
     """Write the split once, build the shared image cache and resolve the starting weights.
@@ -23,23 +24,20 @@ def prepare_experiment(plan: SearchPlan) -> None:
     split (body-part weights see its train images only), and every weights file a trial may
     start from is checked against that split here, before any trial starts.
     """
-    exp = Path(plan.exp_dir)
-    exp.mkdir(parents=True, exist_ok=True)
+    exp = plan.experiment
+    exp.path.mkdir(parents=True, exist_ok=True)
     table = assign_split(read_dataset(plan.data).table, plan.val_fraction, plan.seed)
     write_split(table, plan.split_path)
     cache = build_cache(table["image_path"].tolist(), int(plan.fixed.get("image_size", 64)))
     if len(cache.unreadable):
-        write_parquet(exp / "skipped_images.parquet", cache.unreadable)
+        write_parquet(exp.skipped, cache.unreadable)
         if plan.strict:  # one line: the error, not a "will be skipped" notice before it
             first = cache.unreadable.iloc[0]
             raise ExperimentError(
                 f"{len(cache.unreadable)} unreadable image(s), e.g. {first['image_path']}: {first['reason']} "
-                f"(--strict; list in {exp / 'skipped_images.parquet'})"
+                f"(--strict; list in {exp.skipped})"
             )
-        print(
-            f"mura-tune: {len(cache.unreadable)} unreadable image(s) will be skipped; list in {exp / 'skipped_images.parquet'}",
-            file=sys.stderr,
-        )
+        log.warning("%d unreadable image(s) will be skipped; list in %s", len(cache.unreadable), exp.skipped)
     prepare_weights(plan, table, {"seed": plan.seed, "val_fraction": plan.val_fraction, "path": plan.split_path})
 
 
@@ -53,9 +51,7 @@ def prepare_weights(plan: SearchPlan, table, split_info: dict) -> None:
             for m in _space_models(plan)
         }
     for source in {pretrained, *plan.fixed.get("pretrained_by_model", {}).values()}:
-        notice = check_weights_split(source, table)
-        if notice:
-            print(notice, file=sys.stderr)
+        check_weights_split(source, table)
 
 
 def _space_models(plan: SearchPlan) -> list[str]:

@@ -5,32 +5,27 @@ from __future__ import annotations
 import math
 import os
 import time
-from pathlib import Path
 
 import pandas as pd
 
 from mura_tune.constants import METRIC
 from mura_tune.io import write_json
-from mura_tune.search.leaderboard import RECOVERED_FILE, read_ray_state
+from mura_tune.layout import RUN_ENDED, UNFINISHED, TrialStatus, ray_trial_dirname, read_json, study_name
+from mura_tune.search.leaderboard import read_ray_state
 from mura_tune.search.plan import SearchPlan
 from mura_tune.search.searcher import STEP
-from mura_tune.search.trainable import RESUME_FILE, _read_json
-
-#: <exp>/orphaned/<id>/: trials a killed driver started but Ray never recorded (re-run on --resume).
-ORPHANED_DIR = "orphaned"
-UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
 
 
 def _study(plan: SearchPlan, scope: str):
     """(storage, study id, trials) of the scope's Optuna study; (None, None, []) before it exists."""
     import optuna
 
-    db = Path(plan.exp_dir) / "optuna.db"
+    db = plan.experiment.optuna_db
     if not db.exists():
         return None, None, []
     storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
     try:
-        study_id = storage.get_study_id_from_name(f"{plan.name}:{scope}")
+        study_id = storage.get_study_id_from_name(study_name(plan.name, scope))
     except KeyError:
         return storage, None, []
     return storage, study_id, storage.get_all_trials(study_id, deepcopy=False)
@@ -64,25 +59,21 @@ def recover_scope(plan: SearchPlan, scope: str) -> tuple[list[str], int]:
     known = set(read_ray_state(plan.ray_dir(scope)) or {})
     storage, study_id, trials = _study(plan, scope)
     by_ray_id = {t.user_attrs.get("ray_trial_id"): t for t in trials}
-    exp = Path(plan.exp_dir)
+    exp = plan.experiment
     moved = []
-    for trial_dir in sorted((exp / "trials").glob("*")):
-        meta = _read_json(trial_dir / "trial.json")
-        if trial_dir.name in known or meta is None or meta.get("scope") != scope:
+    for trial in exp.trial_dirs():
+        meta = read_json(trial.trial_json)
+        if trial.trial_id in known or meta is None or meta.get("scope") != scope:
             continue
-        told = by_ray_id.get(trial_dir.name)
-        final = (_read_json(trial_dir / "summary.json") or {}).get("status")
-        failed = final == "diverged" or (trial_dir / "error.json").exists()
-        if (
-            told is not None
-            and not told.state.is_finished()
-            and (failed or final in ("completed", "early_stopped"))
-        ):
+        told = by_ray_id.get(trial.trial_id)
+        final = (read_json(trial.summary) or {}).get("status")
+        failed = final == TrialStatus.DIVERGED or trial.error.exists()
+        if told is not None and not told.state.is_finished() and (failed or final in RUN_ENDED):
             optuna_id = storage.get_trial_id_from_study_id_trial_number(study_id, told.number)
             values = (
                 []
                 if failed
-                else pd.read_parquet(trial_dir / "metrics.parquet")[[STEP, METRIC]].dropna().values
+                else pd.read_parquet(trial.metrics)[[STEP, METRIC]].dropna().values
             )
             # As the searcher would have: every epoch, then the last one as the result.
             for epoch, value in values:
@@ -95,17 +86,15 @@ def recover_scope(plan: SearchPlan, scope: str) -> tuple[list[str], int]:
                 storage.set_trial_state_values(optuna_id, TrialState.FAIL)
             told = storage.get_trial(optuna_id)
         if told is not None and told.state.is_finished():
-            write_json(
-                trial_dir / RECOVERED_FILE, {"optuna_state": told.state.name, "time": time.time()}
-            )
+            write_json(trial.recovered, {"optuna_state": told.state.name, "time": time.time()})
             continue
-        dest = exp / ORPHANED_DIR / trial_dir.name
+        dest = exp.orphaned / trial.trial_id
         dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(trial_dir, dest)
-        ray_trial = plan.ray_dir(scope) / f"ray-{trial_dir.name}"
+        os.replace(trial.path, dest)
+        ray_trial = plan.ray_dir(scope) / ray_trial_dirname(trial.trial_id)
         if ray_trial.exists():
             os.replace(ray_trial, dest / "ray")
-        moved.append(trial_dir.name)
+        moved.append(trial.trial_id)
     requeued = 0
     for trial in _study(plan, scope)[2]:  # re-read: the loop above may have finished some
         if trial.state == TrialState.RUNNING and trial.user_attrs.get("ray_trial_id") not in known:
@@ -114,7 +103,7 @@ def recover_scope(plan: SearchPlan, scope: str) -> tuple[list[str], int]:
     return moved, requeued
 
 
-def _drop_resume_states(plan: SearchPlan, scope: str) -> None:
+def drop_resume_states(plan: SearchPlan, scope: str) -> None:
     """A scope is done: no trial will resume, so free the disk its resume states hold (pruned trials')."""
     for trial_id in read_ray_state(plan.ray_dir(scope)) or {}:
-        (Path(plan.exp_dir) / "trials" / trial_id / RESUME_FILE).unlink(missing_ok=True)
+        plan.experiment.trial(trial_id).resume.unlink(missing_ok=True)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from pathlib import Path
 
 from mura_tune.constants import METRIC, MODE, TIME_ATTR
+from mura_tune.layout import study_name
 from mura_tune.search.plan import SearchPlan
 
 #: ASHA's and TPE's time axis: our own epoch counter, which survives restarts (Ray's
@@ -122,13 +122,13 @@ def make_searcher(plan: SearchPlan, scope: str, sample_fn):
             group=True,
             n_startup_trials=startup,
         )
-    storage = optuna.storages.RDBStorage(f"sqlite:///{Path(plan.exp_dir) / 'optuna.db'}")
+    storage = optuna.storages.RDBStorage(f"sqlite:///{plan.experiment.optuna_db}")
     return _searcher_class()(
         space=sample_fn,
         metric=METRIC,
         mode=MODE,
         sampler=sampler,
-        study_name=f"{plan.name}:{scope}",
+        study_name=study_name(plan.name, scope),
         storage=storage,
         seed=plan.seed,
         num_samples=n,

@@ -17,13 +17,11 @@ import torch
 
 from mura_tune.errors import ConfigError
 from mura_tune.io import atomic_path, write_json
+from mura_tune.layout import GENERALIST_SCOPE, RUN_ENDED, ExperimentDir, TrialStatus, ray_trial_dirname, read_json
 from mura_tune.search.plan import SearchPlan
 from mura_tune.search.spaces import get_space, split_params
 from mura_tune.train.config import TrainConfig
 from mura_tune.train.run import TrialDiverged, run_training
-
-RESUME_FILE = "resume.pt"  # trials/<id>/resume.pt: the unfinished trial's resumable state
-
 
 def trial_main(params: dict, ctx: dict) -> None:
     """Ray trainable: one trial = one :func:`run_training` with per-epoch ``tune.report``.
@@ -38,25 +36,24 @@ def trial_main(params: dict, ctx: dict) -> None:
     ``summary.json``) re-reports its last epoch, so Ray, ASHA and TPE learn how it ended, and
     returns leaving its files untouched.
     """
-    import ray  # Ray is imported where a trial runs (see the module docstring)
+    import ray  # Ray is imported where a trial runs (see the search package's docstring)
     from ray import tune
-
 
     context = tune.get_context()
     trial_id = context.get_trial_id()
     index = trial_index(context.get_trial_name())
-    out = Path(ctx["exp_dir"]) / "trials" / trial_id
-    out.mkdir(parents=True, exist_ok=True)
+    trial = ExperimentDir(Path(ctx["exp_dir"])).trial(trial_id)
+    trial.path.mkdir(parents=True, exist_ok=True)
     node_id = ray.get_runtime_context().get_node_id()
 
-    summary = _read_json(out / "summary.json") or {}
-    if summary.get("status") == "diverged":
+    summary = read_json(trial.summary) or {}
+    if summary.get("status") == TrialStatus.DIVERGED:
         raise TrialDiverged(summary.get("reason"))  # a retry would diverge again
-    if summary.get("status") in ("completed", "early_stopped"):
-        last = json.loads(pd.read_parquet(out / "metrics.parquet").iloc[-1].to_json())
+    if summary.get("status") in RUN_ENDED:
+        last = json.loads(pd.read_parquet(trial.metrics).iloc[-1].to_json())
         tune.report({**{k: v for k, v in last.items() if v is not None}, "node_id": node_id})
         return
-    resume_path = out / RESUME_FILE
+    resume_path = trial.resume
     resume_state = (
         torch.load(resume_path, map_location="cpu", weights_only=True)
         if resume_path.exists()
@@ -72,8 +69,8 @@ def trial_main(params: dict, ctx: dict) -> None:
     fault = _fault(ctx, index)
     if fault and fault[0] == "nan":  # an infinite learning rate: the loss becomes NaN in epoch 1
         config = config.updated({"lr": float("inf")}, source="MURA_TUNE_FAULT=nan")
-    previous = _read_json(out / "trial.json") or {}
-    last_error = _read_json(out / "error.json")
+    previous = read_json(trial.trial_json) or {}
+    last_error = read_json(trial.error)
     attempt = {
         "node_id": node_id,
         "started": time.time(),
@@ -92,9 +89,9 @@ def trial_main(params: dict, ctx: dict) -> None:
         "started": previous.get("started", attempt["started"]),
         "attempts": [*previous.get("attempts", []), attempt],
     }
-    write_json(out / "trial.json", meta)
+    write_json(trial.trial_json, meta)
     # An earlier attempt's error: this attempt may succeed.
-    (out / "error.json").unlink(missing_ok=True)
+    trial.error.unlink(missing_ok=True)
 
     def on_epoch(metrics: dict, state: dict) -> None:
         if fault and fault[0] != "nan" and metrics["epoch"] == fault[1]:
@@ -112,7 +109,7 @@ def trial_main(params: dict, ctx: dict) -> None:
         run_training(
             config,
             split_table,
-            out,
+            trial.path,
             on_epoch=on_epoch,
             resume_state=resume_state,
             strict=ctx["strict"],
@@ -121,7 +118,7 @@ def trial_main(params: dict, ctx: dict) -> None:
         )
     except Exception as exc:
         write_json(
-            out / "error.json",
+            trial.error,
             {"reason": f"{type(exc).__name__}: {exc}".splitlines()[0], "time": time.time()},
         )
         raise
@@ -183,20 +180,14 @@ def trial_index(name: str) -> int | None:
     return int(head[1:]) if head[:1] == "t" and head[1:].isdigit() else None
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def trial_dirname(trial) -> str:
-    return f"ray-{trial.trial_id}"
+    return ray_trial_dirname(trial.trial_id)
 
 
 
 
-def _trainable(plan: SearchPlan, scope: str):
+def trainable_for(plan: SearchPlan, scope: str):
+    """The Ray trainable of one scope: :func:`mura_trial` with its context, and its resources."""
     from ray import tune
 
     fixed = dict(plan.fixed)
@@ -218,7 +209,7 @@ def _trainable(plan: SearchPlan, scope: str):
     }
     if ctx["fault"]:
         parse_faults(ctx["fault"])  # a malformed MURA_TUNE_FAULT fails here, in the driver
-    if scope != "all":
+    if scope != GENERALIST_SCOPE:
         ctx["fixed"]["body_part"] = scope
     if by_model:
         ctx["pretrained_by_model"] = by_model

@@ -29,12 +29,12 @@ into ``$MURA_TUNE_HOME/weights`` (:func:`ensure_bodypart_weights`).
 
 from __future__ import annotations
 
+import logging
 import difflib
 import fcntl
 import hashlib
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -61,6 +61,8 @@ from mura_tune.train.weights import (
     resolve_auto,
     resolved_paths,
 )
+
+log = logging.getLogger(__name__)
 
 TASK = "body_part"
 #: Fraction of train *patients* held out of pretraining to measure body-part accuracy.
@@ -290,10 +292,9 @@ def pretrain_bodypart(
     scaler = engine.grad_scaler()
     generator = torch.Generator().manual_seed(seed)
     if verbose:
-        print(
-            f"mura-tune: pretraining {backbone} on body parts ({len(classes)} classes) at {image_size}px on "
-            f"{engine.device}: {len(fit)} train-split images, {len(holdout)} held out (val/test never read)",
-            file=sys.stderr,
+        log.info(
+            f"pretraining {backbone} on body parts ({len(classes)} classes) at {image_size}px on "
+            f"{engine.device}: {len(fit)} train-split images, {len(holdout)} held out (val/test never read)"
         )
     train_acc = math.nan
     for epoch in range(epochs):
@@ -315,11 +316,9 @@ def pretrain_bodypart(
                 f"body-part pretraining diverged at epoch {epoch + 1} (loss {loss}); lower --lr"
             )
         if verbose:
-            print(
+            log.info(
                 f"pretrain epoch {epoch + 1}/{epochs}  loss {loss:.4f}  train_acc {train_acc:.3f}  "
-                f"({time.time() - t0:.1f}s)",
-                file=sys.stderr,
-                flush=True,
+                f"({time.time() - t0:.1f}s)"
             )
     holdout_acc = _accuracy(engine, net, cache, holdout, batch_size)
 
@@ -360,10 +359,9 @@ def pretrain_bodypart(
     )
     write_json(out.with_suffix(".json"), info)  # last: weights without it are never picked up
     if verbose:
-        print(
-            f"mura-tune: body-part accuracy {holdout_acc:.3f} on {len(holdout)} held-out train-split images; "
-            f"weights {out} ({info['seconds']:.0f}s)",
-            file=sys.stderr,
+        log.info(
+            f"body-part accuracy {holdout_acc:.3f} on {len(holdout)} held-out train-split images; "
+            f"weights {out} ({info['seconds']:.0f}s)"
         )
     return out, info
 
@@ -424,10 +422,7 @@ def ensure_bodypart_weights(
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder waits here, then finds it built
         if not (path.exists() and done.exists()):
             if verbose:
-                print(
-                    f"mura-tune: building body-part-pretrained {model} weights into {path} (once)",
-                    file=sys.stderr,
-                )
+                log.info("building body-part-pretrained %s weights into %s (once)", model, path)
             pretrain_bodypart(
                 model,
                 out=path,
@@ -470,5 +465,5 @@ def resolve_pretrained(model: str, pretrained: str, split_table, image_size: int
         )
     path = ensure_bodypart_weights(model, split_table, image_size=image_size, verbose=verbose, split_info=split_info)
     if verbose:
-        print(f"mura-tune: pretrained=bodypart -> {path}", file=sys.stderr)
+        log.info("pretrained=bodypart -> %s", path)
     return str(path), f"bodypart:{path.name}"

@@ -3,7 +3,7 @@ its predictions out. Knows nothing about Ray; :mod:`mura_tune.search` only sched
 
     mura-tune train --set model=custom_cnn --set max_epochs=3 --out results/one-run
 
-Outputs in ``out_dir``: ``config.yaml``, ``metrics.parquet`` (one row per epoch), ``best.pt``
+Outputs in ``out_dir`` (a :class:`~mura_tune.layout.TrialDir`): ``config.yaml``, ``metrics.parquet`` (one row per epoch), ``best.pt``
 (``{"state_dict", "config", "epoch", "metric"}``, loadable with ``torch.load(weights_only=True)``),
 ``predictions.parquet`` (the best checkpoint's image probabilities on val and test) and
 ``summary.json`` (status, best epoch, val and test metrics, parameter counts, device, timing).
@@ -12,6 +12,7 @@ Test metrics are stored but never used to choose anything.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from mura_tune.data.cache import ImageCache, build_cache
 from mura_tune.data.loader import SplitData, batch_loader
 from mura_tune.errors import DataError
 from mura_tune.io import write_json, write_parquet
+from mura_tune.layout import TrialDir, TrialStatus
 from mura_tune.metrics import split_metrics
 from mura_tune.train.checkpoint import save_checkpoint
 from mura_tune.train.config import TrainConfig
@@ -35,10 +37,11 @@ from mura_tune.train.engine import Engine
 from mura_tune.train.models import MuraNet, build_model, count_parameters
 from mura_tune.train.weights import check_weights_split, initial_backbone_state
 
+log = logging.getLogger(__name__)
+
 #: Called once per epoch with (metrics, resumable state). Ray's adapter reports from here.
 EpochCallback = Callable[[dict, dict], None]
 
-STATUS_COMPLETED, STATUS_EARLY_STOPPED, STATUS_DIVERGED = "completed", "early_stopped", "diverged"
 
 
 class TrialDiverged(RuntimeError):
@@ -148,11 +151,11 @@ def run_training(
         TrialDiverged: the training loss became NaN/inf (status ``diverged`` is written first).
     """
     config.validate()
-    check_weights_split(config.pretrained, split_table)  # before any work: weights never saw val/test
+    check_weights_split(config.pretrained, split_table, notify=False)  # before any work: weights never saw val/test
     started = time.time()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config.save(out / "config.yaml")
+    run = TrialDir(Path(out_dir))
+    run.path.mkdir(parents=True, exist_ok=True)
+    config.save(run.config)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
     engine = Engine(config.device)
@@ -162,9 +165,9 @@ def run_training(
 
     data = prepare_data(split_table, config, cache_root=cache_root, strict=strict, progress=verbose)
     if len(data.skipped):
-        write_parquet(out / "skipped_images.parquet", data.skipped)
+        write_parquet(run.skipped, data.skipped)
         if verbose:
-            print(f"skipped {len(data.skipped)} unreadable image(s); list in {out / 'skipped_images.parquet'}")
+            log.info("skipped %d unreadable image(s); list in %s", len(data.skipped), run.skipped)
 
     backbone_state, source = initial_backbone_state(config.model, config.pretrained)
     net = engine.model(build_model(config, backbone_state=backbone_state))
@@ -186,10 +189,10 @@ def run_training(
         generator.set_state(resume_state["generator"])
         history, best, start_epoch = resume_state["history"], resume_state["best"], resume_state["epoch"]
     if verbose:
-        print(f"{config.model}: {trainable:,} of {total:,} parameters trainable (unfreeze_blocks={config.unfreeze_blocks}); "
+        log.info(f"{config.model}: {trainable:,} of {total:,} parameters trainable (unfreeze_blocks={config.unfreeze_blocks}); "
               f"weights: {weights_source or source}; device: {engine.device}; train/val/test images: "
               f"{len(data.train)}/{len(data.val)}/{len(data.test)}")
-    status = STATUS_COMPLETED
+    status = TrialStatus.FINISHED
     summary_base = {
         "trainable_params": trainable, "total_params": total, "weights_source": weights_source or source,
         "device": str(engine.device), "skipped_images": len(data.skipped),
@@ -202,10 +205,10 @@ def run_training(
                                num_workers=config.num_workers, pin_memory=engine.cuda)
         train_loss = engine.train_epoch(net, batches, weighted_bce, optimizer, scaler, config.aug_strength, generator)
         if not math.isfinite(train_loss):
-            status = STATUS_DIVERGED
-            history.append({"epoch": epoch + 1, "train_loss": train_loss, "status": status})
-            write_parquet(out / "metrics.parquet", pd.DataFrame(history))
-            _write_summary(out, config, summary_base, history, best, status, started,
+            status = TrialStatus.DIVERGED
+            history.append({"epoch": epoch + 1, "train_loss": train_loss, "status": status.value})
+            write_parquet(run.metrics, pd.DataFrame(history))
+            _write_summary(run, config, summary_base, history, best, status, started,
                            reason=f"training loss became {train_loss} at epoch {epoch + 1}")
             raise TrialDiverged(f"training loss became {train_loss} at epoch {epoch + 1}")
 
@@ -222,39 +225,39 @@ def run_training(
             test_frame = data.test.table.assign(prob=test_probs)
             best["test"] = split_metrics(test_frame, "test") if len(test_frame) else {}
             best["val"] = {k: v for k, v in metrics.items() if k.startswith("val_")}
-            save_checkpoint(out / "best.pt", net, config, epoch + 1, {config.select_metric: value})
-            write_parquet(out / "predictions.parquet", pd.concat([val_frame, test_frame], ignore_index=True))
+            save_checkpoint(run.checkpoint, net, config, epoch + 1, {config.select_metric: value})
+            write_parquet(run.predictions, pd.concat([val_frame, test_frame], ignore_index=True))
         metrics["epoch_seconds"] = time.time() - t0
         metrics["best_epoch"] = best["epoch"]
         metrics[f"best_{config.select_metric}"] = best["value"]
         stop_early = epoch + 1 - best["epoch"] >= config.early_stop_patience
         last = stop_early or epoch + 1 == config.max_epochs
         if stop_early and epoch + 1 < config.max_epochs:
-            status = STATUS_EARLY_STOPPED
-        metrics["status"] = status if last else "running"
+            status = TrialStatus.EARLY_STOPPED
+        metrics["status"] = (status if last else TrialStatus.TRAINING).value
         metrics["trial_finished"] = last
         history.append(metrics)
-        write_parquet(out / "metrics.parquet", pd.DataFrame(history))
+        write_parquet(run.metrics, pd.DataFrame(history))
         if verbose:
-            print(f"epoch {epoch + 1}/{config.max_epochs}  train_loss {train_loss:.4f}  val_loss {metrics['val_loss']:.4f}  "
+            log.info(f"epoch {epoch + 1}/{config.max_epochs}  train_loss {train_loss:.4f}  val_loss {metrics['val_loss']:.4f}  "
                   f"val_auc {metrics['val_auc']:.3f}  val_kappa_study {metrics[METRIC]:.3f}  "
-                  f"({metrics['epoch_seconds']:.1f}s)", flush=True)
+                     f"({metrics['epoch_seconds']:.1f}s)")
         if last:  # the summary is final before Ray learns the trial is finished
-            _write_summary(out, config, summary_base, history, best, status, started)
+            _write_summary(run, config, summary_base, history, best, status, started)
         if on_epoch is not None:
             state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "plateau": plateau.state_dict(),
                      "generator": generator.get_state(), "history": history, "best": best, "epoch": epoch + 1}
             on_epoch(dict(metrics), state)
         if last:
             break
-    return _write_summary(out, config, summary_base, history, best, status, started)
+    return _write_summary(run, config, summary_base, history, best, status, started)
 
 
-def _write_summary(out: Path, config: TrainConfig, base: dict, history: list[dict], best: dict, status: str,
+def _write_summary(run: TrialDir, config: TrainConfig, base: dict, history: list[dict], best: dict, status: TrialStatus,
                    started: float, reason: str | None = None) -> dict:
     summary = {
         **base,
-        "status": status,
+        "status": status.value,
         "reason": reason,
         "epochs": len(history),
         "best_epoch": best["epoch"],
@@ -265,7 +268,7 @@ def _write_summary(out: Path, config: TrainConfig, base: dict, history: list[dic
         "wall_seconds": time.time() - started,
         "peak_gpu_memory_mb": _peak_gpu_memory_mb(base["device"]),
     }
-    write_json(out / "summary.json", summary)
+    write_json(run.summary, summary)
     return summary
 
 

@@ -24,11 +24,11 @@ attempt with a short timeout (skipped when ``HF_HUB_OFFLINE=1``), never a retry 
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import json
 import os
 import socket
-import sys
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -40,6 +40,8 @@ import torch
 from mura_tune.errors import WeightsError
 from mura_tune.home import weights_dir
 from mura_tune.train.config import CUSTOM_CNN
+
+log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 3.0
 ALTERNATIVES = "use pretrained: auto, bodypart (body-part pretraining on your train split), a local .safetensors/.pth path, or none"
@@ -206,20 +208,17 @@ def initial_backbone_state(model: str, pretrained: str) -> tuple[dict | None, st
 def resolve_auto(model: str, verbose: bool = True) -> str:
     """Turn ``pretrained: auto`` into ``imagenet`` (when it can be had) or ``none``.
 
-    Offline without a local copy the notice (stderr, one line) says how to provide one.
+    Offline without a local copy a warning (one line) says how to provide one.
     """
     if model == CUSTOM_CNN:
         return "none"
     if imagenet_available(model):
         if verbose:
-            print(f"mura-tune: pretrained=auto -> ImageNet weights for {model}", file=sys.stderr)
+            log.info("pretrained=auto -> ImageNet weights for %s", model)
         return "imagenet"
     if verbose:
-        print(
-            f"mura-tune: pretrained=auto -> random initialisation for {model}: no ImageNet weights offline; "
-            f"{offline_hint(model)}",
-            file=sys.stderr,
-        )
+        log.warning("pretrained=auto -> random initialisation for %s: no ImageNet weights offline; %s", model,
+                    offline_hint(model))
     return "none"
 
 
@@ -276,26 +275,25 @@ def trained_images(weights: str | Path) -> set[str] | None:
     return set(paths)
 
 
-def check_weights_split(pretrained: str | None, split_table) -> str | None:
+def check_weights_split(pretrained: str | None, split_table, notify: bool = True) -> None:
     """Refuse weights trained on any val or test image of ``split_table``.
 
     Args:
         pretrained: the config's ``pretrained`` (keywords such as ``imagenet`` are not files: nothing to check).
         split_table: the run's split manifest (``image_path``, ``split``).
-
-    Returns:
-        None when the weights were checked (or name no file); a one-line notice when the file
-        records no image list, so nothing could be checked.
+        notify: log a warning when the file records no image list (nothing could be checked).
 
     Raises:
         WeightsError: one line naming the weights file and how many val/test images it was trained on.
     """
     if pretrained is None or str(pretrained) in KEYWORDS:
-        return None
+        return
     seen = trained_images(pretrained)
     if seen is None:
-        return (f"mura-tune: {pretrained} records no list of the images it was trained on; "
-                "cannot check that it never saw this run's val/test images")
+        if notify:
+            log.warning("%s records no list of the images it was trained on; cannot check that it never "
+                        "saw this run's val/test images", pretrained)
+        return
     held_out = split_table[split_table["split"].isin(["val", "test"])]
     overlap = [s for s, p in zip(held_out["split"], resolved_paths(held_out["image_path"])) if p in seen]
     if overlap:
@@ -305,4 +303,3 @@ def check_weights_split(pretrained: str | None, split_table) -> str | None:
             f"({n_val} val, {len(overlap) - n_val} test); pretrain on this split's train images "
             "(pretrained: bodypart, or `mura-tune pretrain` with the same --seed/--val-fraction or --split)"
         )
-    return None
