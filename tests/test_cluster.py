@@ -37,6 +37,7 @@ def cluster():
     )
     try:
         worker = nodes.add_node(num_cpus=1)
+        nodes.wait_for_nodes()  # on a busy machine the worker may register seconds later
         yield nodes, worker
     finally:
         nodes.shutdown()
