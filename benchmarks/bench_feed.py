@@ -40,10 +40,10 @@ def run(
     """
     import torch
 
-    from mura_tune.train.augment import Normalize
-    from mura_tune.train.config import TrainConfig
     from mura_tune.data.cache import build_cache
     from mura_tune.data.loader import SplitData
+    from mura_tune.train.augment import Normalize
+    from mura_tune.train.config import TrainConfig
     from mura_tune.train.models import build_model
 
     batches = batches or {"custom_cnn": 16, "densenet121": 8}
@@ -130,8 +130,8 @@ def _arms(net, cache, split, batch_size: int, normalize, aug_strength: float):
     """``real_batch()`` (the next batch through the real data path) and ``step(x, labels, weights)``."""
     import torch
 
-    from mura_tune.train.augment import augment, to_unit
     from mura_tune.data.loader import batch_loader
+    from mura_tune.train.augment import augment, to_unit
 
     net.train()
     opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-4)

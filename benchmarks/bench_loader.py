@@ -41,9 +41,9 @@ def run(
     """
     import torch
 
-    from mura_tune.train.augment import Normalize
     from mura_tune.data.cache import build_cache
     from mura_tune.data.loader import SplitData, batch_loader
+    from mura_tune.train.augment import Normalize
 
     torch.set_num_threads(threads)
     table = image_table(synth_set())
@@ -135,8 +135,8 @@ def _png_batch(paths: list[str], size: int, normalize) -> int:
     """Decode and letterbox every PNG of one batch, then the same float conversion and normalisation."""
     import torch
 
-    from mura_tune.train.augment import to_unit
     from mura_tune.data.images import preprocess
+    from mura_tune.train.augment import to_unit
 
     batch = np.stack([preprocess(p, size) for p in paths])
     return normalize(to_unit(torch.from_numpy(batch))).shape[0]

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mura_tune.train.config import TrainConfig
 from mura_tune.constants import BODY_PARTS
 from mura_tune.data.embedded import ensure_embedded
 from mura_tune.data.mura import read_dataset
 from mura_tune.data.split import assign_split
 from mura_tune.metrics import cohen_kappa, study_table
+from mura_tune.train.config import TrainConfig
 from mura_tune.train.run import run_training
 
 OUT = Path(__file__).parent / "_work" / "calibration"

@@ -93,10 +93,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _split_table(data: str | None, max_images: int):
     """The split of ``data`` (seed 0), with at most ``max_images`` sampled images per split."""
+    import pandas as pd
+
     from mura_tune.data.mura import read_dataset
     from mura_tune.data.split import assign_split
-
-    import pandas as pd
 
     table = assign_split(read_dataset(data).table, 0.2, 0)
     if max_images:
@@ -108,8 +108,8 @@ def _train(table, args) -> dict:
     """One epoch of densenet121 through the training core: where things are, and images/s."""
     import torch
 
-    from mura_tune.train.config import TrainConfig
     from mura_tune.data.loader import batch_loader
+    from mura_tune.train.config import TrainConfig
     from mura_tune.train.engine import Engine
     from mura_tune.train.models import build_model
     from mura_tune.train.run import prepare_data, weighted_bce

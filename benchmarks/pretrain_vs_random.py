@@ -62,10 +62,10 @@ def run(
         ``{"pretrain", "settings", "runs": [{arm, seed, val_kappa_study, val_auc, ...}], "difference"
         (see :func:`paired_difference`), "mean": {arm: kappa}, "mean_auc": {arm: auc}}``.
     """
-    from mura_tune.train.config import TrainConfig
     from mura_tune.data.mura import read_dataset
     from mura_tune.data.split import assign_split
     from mura_tune.layout import TrialDir
+    from mura_tune.train.config import TrainConfig
     from mura_tune.train.pretrain import BODYPART_EPOCHS, ensure_bodypart_weights, pretrain_bodypart
     from mura_tune.train.run import run_training
 

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from conftest import run_cli
 from PIL import Image
 
-from mura_tune.train.augment import Normalize, to_unit
-from mura_tune.report.cam import cam_command, grad_cam
-from mura_tune.train.config import TrainConfig
 from mura_tune.data.images import letterbox
 from mura_tune.data.synth.render import ImageJob, render
+from mura_tune.report.cam import cam_command, grad_cam
+from mura_tune.train.augment import Normalize, to_unit
+from mura_tune.train.config import TrainConfig
 from mura_tune.train.models import build_model
 
 SIZE, SQUARE = 32, 6

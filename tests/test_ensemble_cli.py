@@ -19,12 +19,12 @@ import pytest
 from conftest import run_cli
 from ensemble_fixtures import make_experiment
 
+from mura_tune.data.mura import read_dataset
 from mura_tune.ensemble import build as ensemble_build
 from mura_tune.ensemble.candidates import drop_incomplete, read_candidates
 from mura_tune.ensemble.candidates import load_study_probs as load_split
-from mura_tune.layout import GENERALIST_SCOPE as GENERALIST
-from mura_tune.data.mura import read_dataset
 from mura_tune.ensemble.greedy import score
+from mura_tune.layout import GENERALIST_SCOPE as GENERALIST
 
 SEARCH_TIMEOUT = 600  # the first end-to-end test pays for the search
 

@@ -13,10 +13,10 @@ from conftest import run_cli
 
 import mura_tune.data.images as images_module
 import mura_tune.train.pretrain as pretrain_module
-from mura_tune.train.config import TrainConfig
 from mura_tune.data.mura import read_dataset
 from mura_tune.data.split import assign_split
 from mura_tune.errors import ConfigError, WeightsError
+from mura_tune.train.config import TrainConfig
 from mura_tune.train.models import build_model
 from mura_tune.train.pretrain import ensure_bodypart_weights, pretrain_bodypart, save_backbone
 from mura_tune.train.weights import (

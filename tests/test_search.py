@@ -11,9 +11,9 @@ import pytest
 from conftest import run_cli
 from helpers import cli
 
-from mura_tune.train.config import TrainConfig
 from mura_tune.constants import METRIC
 from mura_tune.search.spaces import get_space, list_spaces, sample_config, split_params
+from mura_tune.train.config import TrainConfig
 
 pytestmark = pytest.mark.slow
 
@@ -65,8 +65,8 @@ def test_searcher_tells_optuna_each_step_once(tmp_path, finished):
     a time budget stops it): Optuna gets the step once, and the right final state."""
     from helpers import search_plan
 
-    from mura_tune.search.spaces import get_space
     from mura_tune.search.searcher import STEP, make_searcher
+    from mura_tune.search.spaces import get_space
 
     plan = search_plan(tmp_path / "x")
     (tmp_path / "x").mkdir()

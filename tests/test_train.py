@@ -10,12 +10,12 @@ import pytest
 import torch
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
-from mura_tune.train.augment import augment
-from mura_tune.train.config import MODELS, TrainConfig, parse_overrides
 from mura_tune.errors import ConfigError
 from mura_tune.metrics import cohen_kappa, roc_auc, split_metrics, study_table
-from mura_tune.train.models import backbone_blocks, build_model, count_parameters
+from mura_tune.train.augment import augment
 from mura_tune.train.checkpoint import load_checkpoint
+from mura_tune.train.config import MODELS, TrainConfig, parse_overrides
+from mura_tune.train.models import backbone_blocks, build_model, count_parameters
 from mura_tune.train.run import TrialDiverged, run_training
 
 TINY = {"image_size": 32, "depth": 3, "base_filters": 8, "batch_size": 16, "seed": 0}

@@ -13,11 +13,11 @@ import torch
 from conftest import run_cli
 
 import mura_tune.train.pretrain as pretrain_module
-from mura_tune.train.config import TrainConfig
 from mura_tune.data.mura import read_dataset
 from mura_tune.data.split import assign_split, write_split
-from mura_tune.train.engine import Engine
 from mura_tune.errors import WeightsError
+from mura_tune.train.config import TrainConfig
+from mura_tune.train.engine import Engine
 from mura_tune.train.models import build_model
 from mura_tune.train.pretrain import pretrain_bodypart
 from mura_tune.train.weights import (
@@ -143,9 +143,8 @@ def test_bodypart_search_pretrains_on_its_own_train_split(tiny_data, ray_session
 
 def test_auto_offline_builds_no_bodypart_weights(tiny_split, tmp_path, monkeypatch, capsys):
     """What `make demo` does (densenet_finetune, pretrained: auto, offline): random init, no pretraining."""
-    from helpers import search_plan
-
     import huggingface_hub.constants
+    from helpers import search_plan
 
     from mura_tune.search.prepare import prepare_weights
 
@@ -195,8 +194,8 @@ def test_local_imagenet_file_is_picked_up_and_loaded(suffix, tiny_split, tmp_pat
 
 def test_train_pretrain_predict_and_cam_share_the_engine(tiny_split, tmp_path, monkeypatch):
     """One training core: every training epoch and every forward pass of the four users goes through Engine."""
-    from mura_tune.report.cam import cam_image
     from mura_tune.ensemble.predict import Member, image_probabilities
+    from mura_tune.report.cam import cam_image
     from mura_tune.train.run import run_training
 
     calls: dict[str, int] = {"train_epoch": 0, "logits": 0}

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 import fcntl
+import logging
 from pathlib import Path
 
 from mura_tune.data.synth import synthesize

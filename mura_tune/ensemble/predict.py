@@ -35,9 +35,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from mura_tune.constants import MURA_ROOT
 from mura_tune.data.images import ImageReadError, letterbox, load_gray
 from mura_tune.data.mura import read_dataset
-from mura_tune.constants import MURA_ROOT
 from mura_tune.errors import ConfigError, DataError, ExperimentError
 from mura_tune.io import write_parquet, write_text
 from mura_tune.layout import GENERALIST_ENSEMBLE, SERVED_BY_PART, EnsembleDir, read_manifest

@@ -19,7 +19,14 @@ import pandas as pd
 from mura_tune.constants import METRIC, MODE
 from mura_tune.errors import ExperimentError
 from mura_tune.io import write_parquet
-from mura_tune.layout import RUN_ENDED, TRIAL_FILE, UNFINISHED, ExperimentDir, TrialStatus, read_json
+from mura_tune.layout import (
+    RUN_ENDED,
+    TRIAL_FILE,
+    UNFINISHED,
+    ExperimentDir,
+    TrialStatus,
+    read_json,
+)
 from mura_tune.metrics import bootstrap_intervals, split_metrics, study_table
 
 FIRST_COLUMNS = [

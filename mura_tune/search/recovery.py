@@ -10,7 +10,14 @@ import pandas as pd
 
 from mura_tune.constants import METRIC
 from mura_tune.io import write_json
-from mura_tune.layout import RUN_ENDED, UNFINISHED, TrialStatus, ray_trial_dirname, read_json, study_name
+from mura_tune.layout import (
+    RUN_ENDED,
+    UNFINISHED,
+    TrialStatus,
+    ray_trial_dirname,
+    read_json,
+    study_name,
+)
 from mura_tune.search.leaderboard import read_ray_state
 from mura_tune.search.plan import SearchPlan
 from mura_tune.search.searcher import STEP

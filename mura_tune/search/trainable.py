@@ -17,11 +17,19 @@ import torch
 
 from mura_tune.errors import ConfigError
 from mura_tune.io import atomic_path, write_json
-from mura_tune.layout import GENERALIST_SCOPE, RUN_ENDED, ExperimentDir, TrialStatus, ray_trial_dirname, read_json
+from mura_tune.layout import (
+    GENERALIST_SCOPE,
+    RUN_ENDED,
+    ExperimentDir,
+    TrialStatus,
+    ray_trial_dirname,
+    read_json,
+)
 from mura_tune.search.plan import SearchPlan
 from mura_tune.search.spaces import get_space, split_params
 from mura_tune.train.config import TrainConfig
 from mura_tune.train.run import TrialDiverged, run_training
+
 
 def trial_main(params: dict, ctx: dict) -> None:
     """Ray trainable: one trial = one :func:`run_training` with per-epoch ``tune.report``.

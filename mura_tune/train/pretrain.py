@@ -29,10 +29,10 @@ into ``$MURA_TUNE_HOME/weights`` (:func:`ensure_bodypart_weights`).
 
 from __future__ import annotations
 
-import logging
 import difflib
 import fcntl
 import hashlib
+import logging
 import math
 import os
 import time
@@ -297,15 +297,16 @@ def pretrain_bodypart(
             f"{engine.device}: {len(fit)} train-split images, {len(holdout)} held out (val/test never read)"
         )
     train_acc = math.nan
+    counts = {"correct": 0, "seen": 0}  # this epoch's training accuracy, counted step by step
+
+    def on_step(logits: torch.Tensor, labels: torch.Tensor, _loss: torch.Tensor) -> None:
+        schedule.step()  # the cosine schedule is per step
+        counts["correct"] += int((logits.argmax(1) == labels).sum())
+        counts["seen"] += len(labels)
+
     for epoch in range(epochs):
         t0 = time.time()
-        counts = {"correct": 0, "seen": 0}
-
-        def on_step(logits: torch.Tensor, labels: torch.Tensor, _loss: torch.Tensor) -> None:
-            schedule.step()  # the cosine schedule is per step
-            counts["correct"] += int((logits.argmax(1) == labels).sum())
-            counts["seen"] += len(labels)
-
+        counts.update(correct=0, seen=0)
         batches = batch_loader(cache, fit, batch_size, shuffle=True, seed=seed * 1000 + epoch, pin_memory=engine.cuda)
         loss = engine.train_epoch(
             net, batches, _cross_entropy, optimizer, scaler, AUG_STRENGTH, generator, on_step=on_step

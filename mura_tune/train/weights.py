@@ -24,9 +24,9 @@ attempt with a short timeout (skipped when ``HF_HUB_OFFLINE=1``), never a retry 
 
 from __future__ import annotations
 
-import logging
 import hashlib
 import json
+import logging
 import os
 import socket
 import threading
