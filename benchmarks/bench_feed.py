@@ -91,7 +91,9 @@ def run(
             with stopwatch(totals, "data_only"):
                 counts["data_only"] += len(real_batch()[1])
         ips = {k: counts[k] / totals[k] for k in counts}
-        eval_ips = _eval_images_per_s(net, cache, split, batch_size, normalize, 4 * n_batches * batch_size)
+        eval_ips = _eval_images_per_s(
+            net, cache, split, batch_size, normalize, 4 * n_batches * batch_size
+        )
         ratio = ips["real"] / ips["memory"]
         cpu_ratio = (counts["real"] / totals["real_cpu"]) / (
             counts["memory"] / totals["memory_cpu"]

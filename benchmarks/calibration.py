@@ -39,18 +39,29 @@ def run(seeds=(0, 1), arms=ARMS) -> dict:
     table = assign_split(read_dataset(ensure_embedded()).table, 0.2, seed=0)
     val = study_table(table[table["split"] == "val"].assign(prob=0.0))
     majority = float(val["label"].mean() > 0.5)
-    result = {"majority": {"overall": cohen_kappa(val["label"], np.full(len(val), majority))},
-              "val_studies": len(val), "seeds": list(seeds)}
+    result = {
+        "majority": {"overall": cohen_kappa(val["label"], np.full(len(val), majority))},
+        "val_studies": len(val),
+        "seeds": list(seeds),
+    }
     for name, epochs, overrides in arms:
         runs = []
         for seed in seeds:
-            config = TrainConfig(max_epochs=epochs, early_stop_patience=epochs, seed=seed, **overrides).validate()
+            config = TrainConfig(
+                max_epochs=epochs, early_stop_patience=epochs, seed=seed, **overrides
+            ).validate()
             t0 = time.time()
             summary = run_training(config, table, OUT / f"{name}-s{seed}", verbose=False)
-            runs.append({"seconds": round(time.time() - t0, 1), "overall": summary["val"]["val_kappa_study"],
-                         "auc": summary["val"]["val_auc"], "test": summary["test"]["test_kappa_study"],
-                         "test_auc": summary["test"]["test_auc"],
-                         **{p: summary["val"].get(f"val_kappa_study_{p}") for p in BODY_PARTS}})
+            runs.append(
+                {
+                    "seconds": round(time.time() - t0, 1),
+                    "overall": summary["val"]["val_kappa_study"],
+                    "auc": summary["val"]["val_auc"],
+                    "test": summary["test"]["test_kappa_study"],
+                    "test_auc": summary["test"]["test_auc"],
+                    **{p: summary["val"].get(f"val_kappa_study_{p}") for p in BODY_PARTS},
+                }
+            )
         median = {k: float(np.median([r[k] for r in runs if r[k] is not None])) for k in runs[0]}
         result[name] = {"epochs": epochs, "overrides": overrides, "median": median, "runs": runs}
     return result

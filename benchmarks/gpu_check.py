@@ -36,15 +36,41 @@ SEARCH_TRIALS = 4
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda", help="cuda (default) or cpu (every path but CUDA itself)")
-    p.add_argument("--data", help="dataset folder or manifest (default: the embedded synthetic set)")
-    p.add_argument("--image-size", type=int, default=320, help="training and pretraining input side (default 320)")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.gpu_check", description=__doc__.splitlines()[0]
+    )
+    p.add_argument(
+        "--device", default="cuda", help="cuda (default) or cpu (every path but CUDA itself)"
+    )
+    p.add_argument(
+        "--data", help="dataset folder or manifest (default: the embedded synthetic set)"
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=320,
+        help="training and pretraining input side (default 320)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-images", type=int, default=0, help="sample at most this many images per split (0: all)")
-    p.add_argument("--search-image-size", type=int, default=128, help="input side of the search trials (default 128)")
-    p.add_argument("--search-epochs", type=int, default=2, help="epochs per search trial (default 2)")
-    p.add_argument("--results", help="folder for the search and the pretrained weights (default: a temporary one)")
+    p.add_argument(
+        "--max-images",
+        type=int,
+        default=0,
+        help="sample at most this many images per split (0: all)",
+    )
+    p.add_argument(
+        "--search-image-size",
+        type=int,
+        default=128,
+        help="input side of the search trials (default 128)",
+    )
+    p.add_argument(
+        "--search-epochs", type=int, default=2, help="epochs per search trial (default 2)"
+    )
+    p.add_argument(
+        "--results",
+        help="folder for the search and the pretrained weights (default: a temporary one)",
+    )
     p.add_argument("--out", default="gpu_check.json", help="JSON to write (default gpu_check.json)")
     return p.parse_args(argv)
 
@@ -69,12 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     report["checks"] = {
         "train_params_on_device": report["train"]["param_device"] == kind,
         "train_batches_on_device": report["train"]["batch_device"] == kind,
-        "train_channels_last_and_amp": report["train"]["channels_last"] == report["train"]["amp"] == (kind == "cuda"),
+        "train_channels_last_and_amp": report["train"]["channels_last"]
+        == report["train"]["amp"]
+        == (kind == "cuda"),
         "pretrain_on_device": report["pretrain"]["device"].startswith(kind),
-        "search_trials_on_device": all(t["device"].startswith(kind) for t in report["search"]["trials"]),
+        "search_trials_on_device": all(
+            t["device"].startswith(kind) for t in report["search"]["trials"]
+        ),
         "search_two_trials_at_once": report["search"]["max_concurrent_trials"] >= 2,
         "search_peak_memory_recorded": all(
-            (t["peak_gpu_memory_mb"] is not None) == (kind == "cuda") for t in report["search"]["trials"]
+            (t["peak_gpu_memory_mb"] is not None) == (kind == "cuda")
+            for t in report["search"]["trials"]
         ),
     }
     report["ok"] = all(report["checks"].values())
@@ -100,7 +131,9 @@ def _split_table(data: str | None, max_images: int):
 
     table = assign_split(read_dataset(data).table, 0.2, 0)
     if max_images:
-        table = pd.concat(g.sample(n=min(len(g), max_images), random_state=0) for _, g in table.groupby("split"))
+        table = pd.concat(
+            g.sample(n=min(len(g), max_images), random_state=0) for _, g in table.groupby("split")
+        )
     return table.reset_index(drop=True)
 
 
@@ -114,7 +147,9 @@ def _train(table, args) -> dict:
     from mura_tune.train.models import build_model
     from mura_tune.train.run import prepare_data, weighted_bce
 
-    config = TrainConfig(model=MODEL, image_size=args.image_size, batch_size=args.batch_size, device=args.device)
+    config = TrainConfig(
+        model=MODEL, image_size=args.image_size, batch_size=args.batch_size, device=args.device
+    )
     data = prepare_data(table, config.validate(), progress=False)
     engine = Engine(args.device)
     torch.manual_seed(0)
@@ -124,12 +159,25 @@ def _train(table, args) -> dict:
     weight = net.backbone.features.conv0.weight
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
     start = time.perf_counter()
-    batches = batch_loader(data.cache, data.train, args.batch_size, shuffle=True, seed=0, pin_memory=engine.cuda)
-    loss = engine.train_epoch(net, batches, weighted_bce, optimizer, engine.grad_scaler(), config.aug_strength,
-                              torch.Generator().manual_seed(0))
+    batches = batch_loader(
+        data.cache, data.train, args.batch_size, shuffle=True, seed=0, pin_memory=engine.cuda
+    )
+    loss = engine.train_epoch(
+        net,
+        batches,
+        weighted_bce,
+        optimizer,
+        engine.grad_scaler(),
+        config.aug_strength,
+        torch.Generator().manual_seed(0),
+    )
     train_s = time.perf_counter() - start
     start = time.perf_counter()
-    engine.predict(net, batch_loader(data.cache, data.val, args.batch_size * 2, shuffle=False, seed=0), len(data.val))
+    engine.predict(
+        net,
+        batch_loader(data.cache, data.val, args.batch_size * 2, shuffle=False, seed=0),
+        len(data.val),
+    )
     eval_s = time.perf_counter() - start
     return {
         "model": MODEL, "image_size": args.image_size, "batch_size": args.batch_size,
@@ -144,8 +192,16 @@ def _pretrain(table, args, results: Path) -> dict:
     from mura_tune.train.pretrain import pretrain_bodypart
 
     start = time.perf_counter()
-    _, info = pretrain_bodypart(MODEL, out=results / "bodypart.safetensors", epochs=1, image_size=args.image_size,
-                                batch_size=args.batch_size, split_table=table, device=args.device, verbose=False)
+    _, info = pretrain_bodypart(
+        MODEL,
+        out=results / "bodypart.safetensors",
+        epochs=1,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        split_table=table,
+        device=args.device,
+        verbose=False,
+    )
     seconds = time.perf_counter() - start
     return {"device": info["device"], "seconds": seconds, "images": info["n_images"],
             "holdout_accuracy": info["holdout_accuracy"]}  # fmt: skip
@@ -179,12 +235,20 @@ def _search(table, args, results: Path) -> dict:
             "trial_id": trial.trial_id, "start": meta["attempts"][-1]["started"], "end": trial.summary.stat().st_mtime,
             "device": summary["device"], "peak_gpu_memory_mb": summary.get("peak_gpu_memory_mb"),
         })  # fmt: skip
-    return {"exit_code": result.exit_code, "seconds": seconds, "trials": trials, "max_concurrent_trials": most_at_once(trials)}
+    return {
+        "exit_code": result.exit_code,
+        "seconds": seconds,
+        "trials": trials,
+        "max_concurrent_trials": most_at_once(trials),
+    }
 
 
 def most_at_once(trials: list[dict]) -> int:
     """The largest number of trials running at the same moment, from their start and end times."""
-    events = sorted([(t["start"], 1) for t in trials] + [(t["end"], -1) for t in trials], key=lambda e: (e[0], e[1]))
+    events = sorted(
+        [(t["start"], 1) for t in trials] + [(t["end"], -1) for t in trials],
+        key=lambda e: (e[0], e[1]),
+    )
     running = best = 0
     for _, step in events:
         running += step

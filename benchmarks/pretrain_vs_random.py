@@ -76,12 +76,19 @@ def run(
     if weights is not None:
         weights = Path(weights)
     elif pretrain_epochs in (None, BODYPART_EPOCHS):  # exactly what `pretrained: bodypart` builds
-        weights = ensure_bodypart_weights(MODEL, table, image_size=image_size, split_info={"seed": 0, "val_fraction": 0.2})
+        weights = ensure_bodypart_weights(
+            MODEL, table, image_size=image_size, split_info={"seed": 0, "val_fraction": 0.2}
+        )
     else:
         weights = out / f"{MODEL}-bodypart-e{pretrain_epochs}-{image_size}px.safetensors"
         if not weights.with_suffix(".json").exists():
             pretrain_bodypart(
-                MODEL, out=weights, epochs=pretrain_epochs, image_size=image_size, threads=threads, split_table=table
+                MODEL,
+                out=weights,
+                epochs=pretrain_epochs,
+                image_size=image_size,
+                threads=threads,
+                split_table=table,
             )
     info = json.loads(weights.with_suffix(".json").read_text())
     result = {
@@ -145,7 +152,9 @@ def run(
     return result
 
 
-def paired_difference(out: str | Path, seeds: tuple[int, ...] | list[int], n_boot: int = 2000) -> dict:
+def paired_difference(
+    out: str | Path, seeds: tuple[int, ...] | list[int], n_boot: int = 2000
+) -> dict:
     """Body-part minus random val study kappa of each seed's best checkpoints and their mean over
     seeds, with paired 95% bootstrap intervals over val studies: every resample scores both arms of
     every seed on the same studies (the test split is not read).
@@ -170,13 +179,18 @@ def paired_difference(out: str | Path, seeds: tuple[int, ...] | list[int], n_boo
     idx = np.random.default_rng(0).integers(0, len(first), size=(n_boot, len(first)))
     point, boot = [], []
     for seed in seeds:
-        body, rand = (studies[arm, seed]["prob"].reindex(first.index).to_numpy() > THRESHOLD for arm in ARMS)
+        body, rand = (
+            studies[arm, seed]["prob"].reindex(first.index).to_numpy() > THRESHOLD for arm in ARMS
+        )
         point.append(kappa_batch(labels, body) - kappa_batch(labels, rand))
         boot.append(kappa_batch(labels[idx], body[idx]) - kappa_batch(labels[idx], rand[idx]))
 
     def summary(value, draws) -> dict:
         low, high = np.percentile(draws, [2.5, 97.5])
-        return {"kappa_bodypart_minus_random": round(float(value), 3), "ci95": [round(float(low), 3), round(float(high), 3)]}
+        return {
+            "kappa_bodypart_minus_random": round(float(value), 3),
+            "ci95": [round(float(low), 3), round(float(high), 3)],
+        }
 
     mean = summary(np.mean(point), np.mean(boot, axis=0))
     return {

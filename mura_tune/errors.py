@@ -63,8 +63,12 @@ class Range:
             return False
         if value != value:  # nan fails every rule
             return False
-        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
-        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        too_low = self.low is not None and (
+            value <= self.low if self.low_open else value < self.low
+        )
+        too_high = self.high is not None and (
+            value >= self.high if self.high_open else value > self.high
+        )
         return not (too_low or too_high)
 
     def check(self, value, name: str):

@@ -213,14 +213,18 @@ def read_manifest(folder: str | Path) -> dict:
     folder = Path(folder).expanduser()
     path = folder / MANIFEST_FILE
     if not path.is_file():
-        raise ExperimentError(f"no {MANIFEST_FILE} in ensemble folder {folder} (build one with `mura-tune ensemble`)")
+        raise ExperimentError(
+            f"no {MANIFEST_FILE} in ensemble folder {folder} (build one with `mura-tune ensemble`)"
+        )
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ExperimentError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
     missing = [k for k in MANIFEST_KEYS if not isinstance(manifest, dict) or k not in manifest]
     if missing:
-        raise ExperimentError(f"{path} lacks {missing}: not a manifest written by `mura-tune ensemble`")
+        raise ExperimentError(
+            f"{path} lacks {missing}: not a manifest written by `mura-tune ensemble`"
+        )
     if not manifest["ensembles"].get(GENERALIST_ENSEMBLE, {}).get("members"):
         raise ExperimentError(f"{path} lists no generalist ensemble members")
     return manifest

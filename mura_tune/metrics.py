@@ -164,7 +164,10 @@ def bootstrap_intervals(
     y = np.asarray(labels, dtype=bool)
     s = np.asarray(probs, dtype=np.float64)
     if y.size == 0:
-        return {k: (math.nan, math.nan) for k in ("kappa", "auc", "accuracy", "sensitivity", "specificity")}
+        return {
+            k: (math.nan, math.nan)
+            for k in ("kappa", "auc", "accuracy", "sensitivity", "specificity")
+        }
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, y.size, size=(n_boot, y.size))
     yb, pb = y[idx], s[idx] > THRESHOLD
@@ -185,7 +188,9 @@ def bootstrap_intervals(
     out = {}
     for name, vals in samples.items():
         vals = vals[np.isfinite(vals)]
-        out[name] = tuple(float(v) for v in np.percentile(vals, q)) if vals.size else (math.nan, math.nan)
+        out[name] = (
+            tuple(float(v) for v in np.percentile(vals, q)) if vals.size else (math.nan, math.nan)
+        )
     return out
 
 

@@ -8,7 +8,13 @@ from mura_tune.search.spaces import register_space
     fixed={"model": "custom_cnn", "pretrained": "none", "unfreeze_blocks": "all"},
     presets={
         "cpu": {"image_size": 64, "max_epochs": 6, "num_samples": 12, "batch_size": 32},
-        "gpu": {"image_size": 320, "max_epochs": 40, "num_samples": 100, "batch_size": 32, "num_workers": 4},
+        "gpu": {
+            "image_size": 320,
+            "max_epochs": 40,
+            "num_samples": 100,
+            "batch_size": 32,
+            "num_workers": 4,
+        },
     },
 )
 def custom_cnn(trial):

@@ -8,8 +8,20 @@ from mura_tune.search.spaces import register_space
     fixed={"pretrained": "auto", "optimizer": "adam"},
     presets={
         # CPU demo: 64 px, a few epochs, DenseNet-121 only (169/201 cost 1.5-2x on a CPU).
-        "cpu": {"image_size": 64, "max_epochs": 4, "num_samples": 8, "batch_size": 32, "space_args": {"backbones": ["densenet121"]}},
-        "gpu": {"image_size": 320, "max_epochs": 20, "num_samples": 64, "batch_size": 16, "num_workers": 4},
+        "cpu": {
+            "image_size": 64,
+            "max_epochs": 4,
+            "num_samples": 8,
+            "batch_size": 32,
+            "space_args": {"backbones": ["densenet121"]},
+        },
+        "gpu": {
+            "image_size": 320,
+            "max_epochs": 20,
+            "num_samples": 64,
+            "batch_size": 16,
+            "num_workers": 4,
+        },
     },
     aux=("head_layers", "head_width"),
 )

@@ -8,7 +8,13 @@ from mura_tune.search.spaces import register_space
     fixed={"pretrained": "auto", "optimizer": "adamw"},
     presets={
         "cpu": {"image_size": 64, "max_epochs": 4, "num_samples": 8, "batch_size": 32},
-        "gpu": {"image_size": 320, "max_epochs": 20, "num_samples": 64, "batch_size": 32, "num_workers": 4},
+        "gpu": {
+            "image_size": 320,
+            "max_epochs": 20,
+            "num_samples": 64,
+            "batch_size": 32,
+            "num_workers": 4,
+        },
     },
 )
 def resnet_finetune(trial):

@@ -20,7 +20,12 @@ def placeholder_png(path: Path) -> Path:
     return path
 
 
-def make_tree(root: Path, index_dir: Path | None = None, files: dict[str, str] | None = None, images: bool = True) -> Path:
+def make_tree(
+    root: Path,
+    index_dir: Path | None = None,
+    files: dict[str, str] | None = None,
+    images: bool = True,
+) -> Path:
     """Write ``root/MURA-v1.1`` with the given CSV texts (or copies of ``index_dir``'s) and placeholder PNGs.
 
     Images are hard links to one tiny PNG, so a 40,005-image tree takes seconds.
@@ -29,7 +34,12 @@ def make_tree(root: Path, index_dir: Path | None = None, files: dict[str, str] |
     mura.mkdir(parents=True, exist_ok=True)
     texts = dict(files or {})
     if index_dir is not None:
-        for name in ("train_image_paths.csv", "valid_image_paths.csv", "train_labeled_studies.csv", "valid_labeled_studies.csv"):
+        for name in (
+            "train_image_paths.csv",
+            "valid_image_paths.csv",
+            "train_labeled_studies.csv",
+            "valid_labeled_studies.csv",
+        ):
             texts.setdefault(name, (index_dir / name).read_text())
     for name, text in texts.items():
         (mura / name).write_text(text)
@@ -49,8 +59,14 @@ def make_tree(root: Path, index_dir: Path | None = None, files: dict[str, str] |
 def cli(*args, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``mura-tune`` as a real subprocess (to see exit codes and stderr as a user does)."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "mura_tune", *map(str, args)], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "mura_tune", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 400):
@@ -59,7 +75,9 @@ def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 400)
     start = time.time()
     while not (found := condition()):
         if proc.poll() is not None:
-            raise AssertionError(f"search exited early ({proc.returncode}):\n{log.read_text()[-3000:]}")
+            raise AssertionError(
+                f"search exited early ({proc.returncode}):\n{log.read_text()[-3000:]}"
+            )
         if time.time() - start > timeout:
             proc.kill()
             raise AssertionError(f"timed out:\n{log.read_text()[-3000:]}")

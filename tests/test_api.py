@@ -45,8 +45,14 @@ def test_plan_checks_what_the_cli_checked(tmp_path):
                          ({"body_part": "XR_KNEE"}, "--body-part must be one of")]:  # fmt: skip
         with pytest.raises(ConfigError, match=re.escape(text)):
             SearchPlan(space="custom_cnn", results=str(tmp_path), **fields)
-    plan = SearchPlan(space="custom_cnn", results=str(tmp_path), name="x", specialists=True, num_samples=8)
-    assert plan.scopes["all"] == 8 and plan.scopes["XR_WRIST"] == 2 and plan.exp_dir == str(tmp_path.resolve() / "x")
+    plan = SearchPlan(
+        space="custom_cnn", results=str(tmp_path), name="x", specialists=True, num_samples=8
+    )
+    assert (
+        plan.scopes["all"] == 8
+        and plan.scopes["XR_WRIST"] == 2
+        and plan.exp_dir == str(tmp_path.resolve() / "x")
+    )
 
     from mura_tune.cli.parser import build_parser
 
@@ -72,7 +78,10 @@ def test_run_search_passes_stop_and_callbacks(tiny_data, ray_session, tmp_path):
                       max_epochs=3, cpus_per_trial=1, overrides=TINY)  # fmt: skip
     result = run_search(plan, stop={"epoch": 1}, callbacks=[seen], verbose=0)
     assert not result.interrupted and result.exit_code == 0
-    assert result.leaderboard["epochs"].tolist() == [1, 1]  # stopped by the extra criterion, not max_epochs
+    assert result.leaderboard["epochs"].tolist() == [
+        1,
+        1,
+    ]  # stopped by the extra criterion, not max_epochs
     assert sorted(seen.results) == sorted((t, 1) for t in result.leaderboard["trial_id"])
 
 

@@ -108,8 +108,15 @@ def radiographs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list]:
     images, labels, boxes = [], [], []
     for i in range(n):
         abnormal = i % 2 == 1
-        job = ImageJob(idx=i, study_idx=i, rel_path="unused.png", part="XR_FOREARM",
-                       finding="hardware" if abnormal else "none", visible=abnormal, view=0)
+        job = ImageJob(
+            idx=i,
+            study_idx=i,
+            rel_path="unused.png",
+            part="XR_FOREARM",
+            finding="hardware" if abnormal else "none",
+            visible=abnormal,
+            view=0,
+        )
         pixels, visible, (x0, y0, x1, y1) = render(job, seed, RADIOGRAPH, difficulty=0.0)
         gray = pixels if pixels.ndim == 2 else pixels[..., 0]
         h, w = gray.shape
@@ -131,7 +138,9 @@ def test_cam_is_highest_over_the_generators_finding():
     for _ in range(5):
         net.train()
         for batch in torch.randperm(len(images)).split(32):
-            loss = F.binary_cross_entropy_with_logits(net(norm(to_unit(images[batch]))), labels[batch])
+            loss = F.binary_cross_entropy_with_logits(
+                net(norm(to_unit(images[batch]))), labels[batch]
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -140,7 +149,9 @@ def test_cam_is_highest_over_the_generators_finding():
     x = norm(to_unit(test_images))
     with torch.no_grad():
         accuracy = ((net(x) > 0).float() == test_labels).float().mean().item()
-    assert accuracy >= 0.75, f"the model did not learn to see the hardware (accuracy {accuracy:.2f})"
+    assert accuracy >= 0.75, (
+        f"the model did not learn to see the hardware (accuracy {accuracy:.2f})"
+    )
     shown = [i for i, box in enumerate(boxes) if box is not None]
     peaks_inside, box_share = [], []
     for cam, i in zip(grad_cam(net, x[shown]), shown):

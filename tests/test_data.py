@@ -17,8 +17,12 @@ from mura_tune.errors import DataError
 
 # ../shared/MURA.md: per part (train normal, train abnormal, valid normal, valid abnormal) image counts.
 MURA_IMAGES = {
-    "XR_ELBOW": (2925, 2006, 235, 230), "XR_FINGER": (3138, 1968, 214, 247), "XR_FOREARM": (1164, 661, 150, 151),
-    "XR_HAND": (4059, 1484, 271, 189), "XR_HUMERUS": (673, 599, 148, 140), "XR_SHOULDER": (4211, 4168, 285, 278),
+    "XR_ELBOW": (2925, 2006, 235, 230),
+    "XR_FINGER": (3138, 1968, 214, 247),
+    "XR_FOREARM": (1164, 661, 150, 151),
+    "XR_HAND": (4059, 1484, 271, 189),
+    "XR_HUMERUS": (673, 599, 148, 140),
+    "XR_SHOULDER": (4211, 4168, 285, 278),
     "XR_WRIST": (5765, 3987, 364, 295),
 }
 
@@ -34,16 +38,31 @@ def test_summary_reproduces_mura_counts(index_tree):
     result = cli("data", "summary", "--data", index_tree, "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["totals"]["train"]["images"] == 36808 and summary["totals"]["valid"]["images"] == 3197
-    assert summary["totals"]["train"]["studies"] == 13457 and summary["totals"]["valid"]["studies"] == 1199
-    assert summary["totals"]["train"]["patients"] == 11184 and summary["totals"]["valid"]["patients"] == 783
+    assert (
+        summary["totals"]["train"]["images"] == 36808
+        and summary["totals"]["valid"]["images"] == 3197
+    )
+    assert (
+        summary["totals"]["train"]["studies"] == 13457
+        and summary["totals"]["valid"]["studies"] == 1199
+    )
+    assert (
+        summary["totals"]["train"]["patients"] == 11184
+        and summary["totals"]["valid"]["patients"] == 783
+    )
     assert summary["patients_in_several_body_parts"]["train"] == 1467
     assert summary["patients_in_both_splits"] == 0
     assert summary["problems"]["count"] == 0
     by = {(g["source_split"], g["body_part"]): g for g in summary["by_part"]}
     for part, (tn, ta, vn, va) in MURA_IMAGES.items():
-        assert (by["train", part]["images_normal"], by["train", part]["images_abnormal"]) == (tn, ta), part
-        assert (by["valid", part]["images_normal"], by["valid", part]["images_abnormal"]) == (vn, va), part
+        assert (by["train", part]["images_normal"], by["train", part]["images_abnormal"]) == (
+            tn,
+            ta,
+        ), part
+        assert (by["valid", part]["images_normal"], by["valid", part]["images_abnormal"]) == (
+            vn,
+            va,
+        ), part
 
 
 @pytest.mark.needs_index
@@ -58,11 +77,18 @@ def test_split_is_patient_disjoint_stratified_and_seeded(index_tree, tmp_path):
     n = studies["split"].value_counts()
     assert abs(n["val"] / (n["val"] + n["train"]) - 0.2) <= 0.01
     assert n["test"] == 1199
-    rates = studies[studies["split"] != "test"].pivot_table(index="body_part", columns="split", values="label")
+    rates = studies[studies["split"] != "test"].pivot_table(
+        index="body_part", columns="split", values="label"
+    )
     assert ((rates["val"] - rates["train"]).abs() <= 0.03).all(), rates
     # Patients with several body parts stay whole.
     multi = table.groupby("patient_id")["body_part"].nunique()
-    assert (table[table["patient_id"].isin(multi[multi > 1].index)].groupby("patient_id")["split"].nunique() == 1).all()
+    assert (
+        table[table["patient_id"].isin(multi[multi > 1].index)]
+        .groupby("patient_id")["split"]
+        .nunique()
+        == 1
+    ).all()
     # Same seed, identical manifest; another seed, another split.
     again = assign_split(read_dataset(index_tree).table, 0.2, seed=3)
     pd.testing.assert_frame_equal(table, again)
@@ -78,22 +104,41 @@ def test_reader_accepts_header_rows_and_the_parent_or_release_folder(tmp_path):
     root = make_tree(tmp_path, files=files)
     for data in (root, root / "MURA-v1.1"):
         table = read_dataset(data).table
-        assert table[["study_id", "patient_id", "body_part", "label", "source_split"]].iloc[0].tolist() == [
-            "MURA-v1.1/train/XR_HAND/patient00001/study1_positive", "patient00001", "XR_HAND", 1, "train"]
+        assert table[["study_id", "patient_id", "body_part", "label", "source_split"]].iloc[
+            0
+        ].tolist() == [
+            "MURA-v1.1/train/XR_HAND/patient00001/study1_positive",
+            "patient00001",
+            "XR_HAND",
+            1,
+            "train",
+        ]
 
 
 @pytest.mark.parametrize(
     "files, message",
     [
-        ({"train_image_paths.csv": "MURA-v1.1/train/XR_HAND/patient1/study1_positive/image1.png\nMURA-v1.1/train/XR_KNEE/patient2/study1_positive/image1.png\n",
-          "train_labeled_studies.csv": "MURA-v1.1/train/XR_HAND/patient1/study1_positive/,1\n"},
-         "train_image_paths.csv:2: path does not match"),
-        ({"train_image_paths.csv": "MURA-v1.1/train/XR_HAND/patient1/study1_positive/image1.png\n",
-          "train_labeled_studies.csv": "MURA-v1.1/train/XR_HAND/patient1/study1_positive/,0\n"},
-         "train_labeled_studies.csv:1: label 0 contradicts 'positive'"),
-        ({"train_image_paths.csv": "MURA-v1.1/train/XR_HAND/patient1/study1_positive/image1.png\nMURA-v1.1/train/XR_HAND/patient1/study1_positive/image1.png\n",
-          "train_labeled_studies.csv": "MURA-v1.1/train/XR_HAND/patient1/study1_positive/,1\n"},
-         "image listed twice"),
+        (
+            {
+                "train_image_paths.csv": "MURA-v1.1/train/XR_HAND/patient1/study1_positive/image1.png\nMURA-v1.1/train/XR_KNEE/patient2/study1_positive/image1.png\n",
+                "train_labeled_studies.csv": "MURA-v1.1/train/XR_HAND/patient1/study1_positive/,1\n",
+            },
+            "train_image_paths.csv:2: path does not match",
+        ),
+        (
+            {
+                "train_image_paths.csv": "MURA-v1.1/train/XR_HAND/patient1/study1_positive/image1.png\n",
+                "train_labeled_studies.csv": "MURA-v1.1/train/XR_HAND/patient1/study1_positive/,0\n",
+            },
+            "train_labeled_studies.csv:1: label 0 contradicts 'positive'",
+        ),
+        (
+            {
+                "train_image_paths.csv": "MURA-v1.1/train/XR_HAND/patient1/study1_positive/image1.png\nMURA-v1.1/train/XR_HAND/patient1/study1_positive/image1.png\n",
+                "train_labeled_studies.csv": "MURA-v1.1/train/XR_HAND/patient1/study1_positive/,1\n",
+            },
+            "image listed twice",
+        ),
     ],
 )
 def test_malformed_index_is_one_line_error(tmp_path, files, message):
@@ -108,18 +153,31 @@ def test_malformed_index_is_one_line_error(tmp_path, files, message):
 
 def test_missing_folder_and_folder_without_csvs(tmp_path):
     result = cli("data", "summary", "--data", tmp_path / "nope")
-    assert result.returncode == 2 and "data folder not found" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        result.returncode == 2
+        and "data folder not found" in result.stderr
+        and "Traceback" not in result.stderr
+    )
     (tmp_path / "MURA-v1.1").mkdir()
     result = cli("data", "summary", "--data", tmp_path)
-    assert result.returncode == 2 and "no index CSVs" in result.stderr and str(tmp_path) in result.stderr
+    assert (
+        result.returncode == 2
+        and "no index CSVs" in result.stderr
+        and str(tmp_path) in result.stderr
+    )
     debug = cli("--debug", "data", "summary", "--data", tmp_path)
     assert "Traceback" in debug.stderr
 
 
 def test_summary_lists_bad_images_by_path(tmp_path):
-    lines = [f"MURA-v1.1/train/XR_HAND/patient0000{i}/study1_negative/image1.png" for i in range(1, 5)]
-    files = {"train_image_paths.csv": "\n".join(lines) + "\n",
-             "train_labeled_studies.csv": "\n".join(line.rsplit("/", 1)[0] + "/,0" for line in lines) + "\n"}
+    lines = [
+        f"MURA-v1.1/train/XR_HAND/patient0000{i}/study1_negative/image1.png" for i in range(1, 5)
+    ]
+    files = {
+        "train_image_paths.csv": "\n".join(lines) + "\n",
+        "train_labeled_studies.csv": "\n".join(line.rsplit("/", 1)[0] + "/,0" for line in lines)
+        + "\n",
+    }
     root = make_tree(tmp_path, files=files, images=False)
     placeholder_png(root / lines[0])
     (root / lines[1]).parent.mkdir(parents=True)
@@ -142,10 +200,16 @@ def test_summary_lists_bad_images_by_path(tmp_path):
 def test_manifest_input_relative_paths(tmp_path):
     for i in range(4):
         placeholder_png(tmp_path / "imgs" / f"{i}.png")
-    manifest = pd.DataFrame({
-        "image_path": [f"imgs/{i}.png" for i in range(4)], "study_id": ["s1", "s1", "s2", "s3"],
-        "patient_id": ["p1", "p1", "p2", "p3"], "body_part": ["CHEST"] * 4, "label": [1, 1, 0, 0],
-        "source_split": ["train", "train", "train", "valid"]})
+    manifest = pd.DataFrame(
+        {
+            "image_path": [f"imgs/{i}.png" for i in range(4)],
+            "study_id": ["s1", "s1", "s2", "s3"],
+            "patient_id": ["p1", "p1", "p2", "p3"],
+            "body_part": ["CHEST"] * 4,
+            "label": [1, 1, 0, 0],
+            "source_split": ["train", "train", "train", "valid"],
+        }
+    )
     manifest.to_csv(tmp_path / "m.csv", index=False)
     table = read_dataset(tmp_path / "m.csv").table
     assert table["image_path"].iloc[0] == str(tmp_path / "imgs" / "0.png")

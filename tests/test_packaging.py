@@ -49,7 +49,9 @@ def test_editable_install(tmp_path):
     if not where or not Path(where).is_relative_to(REPO):
         pytest.skip(f"the installed mura_tune is not this checkout ({where or 'not installed'})")
     found = probe(tmp_path, None)  # no PYTHONPATH, outside the checkout: the installed package
-    assert Path(found["search_spaces"]).is_relative_to(REPO) and Path(found["space"]).is_relative_to(REPO)
+    assert Path(found["search_spaces"]).is_relative_to(REPO) and Path(
+        found["space"]
+    ).is_relative_to(REPO)
 
 
 @pytest.mark.slow

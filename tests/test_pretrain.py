@@ -169,7 +169,9 @@ def test_auto_falls_back_within_seconds(no_network, monkeypatch, capsys):
     assert resolved == "none"
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "random initialisation" in err
-    assert "weights/imagenet/densenet121.safetensors" in err  # how to provide ImageNet weights offline
+    assert (
+        "weights/imagenet/densenet121.safetensors" in err
+    )  # how to provide ImageNet weights offline
 
 
 def test_imagenet_offline_fails_fast_naming_alternatives(no_network):
@@ -225,7 +227,10 @@ def test_ensure_builds_once(small_data, monkeypatch):
         raise AssertionError("weights were rebuilt")
 
     monkeypatch.setattr(pretrain_module, "pretrain_bodypart", must_not_run)
-    assert ensure_bodypart_weights("resnet18", split, image_size=SIZE, verbose=False, epochs=1) == first
+    assert (
+        ensure_bodypart_weights("resnet18", split, image_size=SIZE, verbose=False, epochs=1)
+        == first
+    )
     # Another recipe (here: epochs) is other weights, never the ones built above.
     train = pretrain_module.train_table(split_table=split)
     digest = image_list_digest(resolved_paths(train["image_path"]))
@@ -240,7 +245,9 @@ def _write_arm_predictions(folder, rng, labels, accuracy):
         for study, label in enumerate(labels):
             right = rng.random() < accuracy
             prob = float(label == right) if not flip else float(label != right)
-            rows += [{"split": split, "study_id": f"{split}{study}", "label": label, "prob": prob}] * 2
+            rows += [
+                {"split": split, "study_id": f"{split}{study}", "label": label, "prob": prob}
+            ] * 2
     folder.mkdir(parents=True)
     pd.DataFrame(rows).to_parquet(folder / "predictions.parquet")
 
@@ -254,7 +261,9 @@ def test_pretrain_comparison_pairs_val_studies_across_seeds(tmp_path, better):
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 200)
     for seed in (0, 1):
-        _write_arm_predictions(tmp_path / f"bodypart-seed{seed}", rng, labels, 0.85 if better else 0.6)
+        _write_arm_predictions(
+            tmp_path / f"bodypart-seed{seed}", rng, labels, 0.85 if better else 0.6
+        )
         _write_arm_predictions(tmp_path / f"random-seed{seed}", rng, labels, 0.6)
     diff = paired_difference(tmp_path, [0, 1], n_boot=500)
     mean = diff["mean"]

@@ -21,9 +21,32 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def experiment(tiny_data, ray_session, tmp_path_factory) -> Path:
     results = tmp_path_factory.mktemp("results")
-    code = run_cli("--space", "custom_cnn", "--data", tiny_data, "--num-samples", 6, "--max-epochs", 3,
-                   "--grace-period", 1, "--reduction-factor", 2, "--max-concurrent", 2, "--cpus-per-trial", 1,
-                   "--results", results, "--name", "acc", "--set", "image_size=32", "--seed", 1)
+    code = run_cli(
+        "--space",
+        "custom_cnn",
+        "--data",
+        tiny_data,
+        "--num-samples",
+        6,
+        "--max-epochs",
+        3,
+        "--grace-period",
+        1,
+        "--reduction-factor",
+        2,
+        "--max-concurrent",
+        2,
+        "--cpus-per-trial",
+        1,
+        "--results",
+        results,
+        "--name",
+        "acc",
+        "--set",
+        "image_size=32",
+        "--seed",
+        1,
+    )
     assert code == 0
     return results / "acc"
 
@@ -39,7 +62,17 @@ def test_search_leaderboard_pruning_and_paths(experiment):
     assert board[METRIC].is_monotonic_decreasing
     for col in ("checkpoint_path", "predictions_path"):
         assert board[col].map(lambda p: Path(p).exists()).all(), col
-    assert {"hp_depth", "hp_lr", "val_auc", "test_kappa_study", "wall_seconds", "device", "node_id", "scope", "space"} <= set(board)
+    assert {
+        "hp_depth",
+        "hp_lr",
+        "val_auc",
+        "test_kappa_study",
+        "wall_seconds",
+        "device",
+        "node_id",
+        "scope",
+        "space",
+    } <= set(board)
     assert board["hp_depth"].dtype.kind == "i" and board["hp_lr"].dtype.kind == "f"
     assert (board["scope"] == "all").all()
 
@@ -78,7 +111,9 @@ def test_searcher_tells_optuna_each_step_once(tmp_path, finished):
         searcher.on_trial_result("t1", {METRIC: 0.2, STEP: 1})
         searcher.on_trial_result("t1", last)
         searcher.on_trial_complete("t1", last)
-    (trial,) = optuna.load_study(study_name="x:all", storage=f"sqlite:///{tmp_path / 'x' / 'optuna.db'}").trials
+    (trial,) = optuna.load_study(
+        study_name="x:all", storage=f"sqlite:///{tmp_path / 'x' / 'optuna.db'}"
+    ).trials
     assert trial.intermediate_values == {1: pytest.approx(0.2), 2: pytest.approx(0.3)}
     assert trial.state.name == ("COMPLETE" if finished else "PRUNED")
 
@@ -120,11 +155,18 @@ def test_leaderboard_reads_the_same_in_pandas_polars_duckdb(experiment):
 
 
 def test_leaderboard_command_and_trial_rerun(experiment, tmp_path):
-    assert run_cli("leaderboard", "--experiment", experiment, "--out", tmp_path / "lb.parquet", "--top", 3) == 0
+    assert (
+        run_cli(
+            "leaderboard", "--experiment", experiment, "--out", tmp_path / "lb.parquet", "--top", 3
+        )
+        == 0
+    )
     assert len(pd.read_parquet(tmp_path / "lb.parquet")) == 6
     best = pd.read_parquet(experiment / "leaderboard.parquet").iloc[0]
     assert run_cli("train", "--from-trial", best["trial_dir"], "--out", tmp_path / "rerun") == 0
-    assert TrainConfig.load(tmp_path / "rerun" / "config.yaml") == TrainConfig.load(Path(best["trial_dir"]) / "config.yaml")
+    assert TrainConfig.load(tmp_path / "rerun" / "config.yaml") == TrainConfig.load(
+        Path(best["trial_dir"]) / "config.yaml"
+    )
 
 
 @pytest.mark.parametrize("name", list_spaces())
@@ -134,10 +176,20 @@ def test_every_space_samples_valid_configs(name):
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
         for _ in range(8):
             trial = study.ask()
-            params = sample_config(space, trial) if preset is None else space.sampler_fn(preset)(trial) or {}
+            params = (
+                sample_config(space, trial)
+                if preset is None
+                else space.sampler_fn(preset)(trial) or {}
+            )
             params = {**trial.params, **params}
-            fixed = {k: v for k, v in {**space.fixed, **space.preset(preset or "cpu")}.items() if k in TrainConfig.__dataclass_fields__}
-            config = TrainConfig.from_dict({**fixed, **split_params(space, params), "pretrained": "none"})
+            fixed = {
+                k: v
+                for k, v in {**space.fixed, **space.preset(preset or "cpu")}.items()
+                if k in TrainConfig.__dataclass_fields__
+            }
+            config = TrainConfig.from_dict(
+                {**fixed, **split_params(space, params), "pretrained": "none"}
+            )
             assert config.model
             study.tell(trial, 0.0)
     assert space.dimensions(), name
@@ -154,31 +206,63 @@ def test_user_space_file(tmp_path, tiny_data):
     (tmp_path / "mine.py").write_text(
         "from mura_tune.search.spaces import register_space\n"
         "from optuna.distributions import FloatDistribution\n"
-        "register_space('mine', {'lr': FloatDistribution(1e-4, 1e-2, log=True)}, fixed={'model': 'custom_cnn'})\n")
+        "register_space('mine', {'lr': FloatDistribution(1e-4, 1e-2, log=True)}, fixed={'model': 'custom_cnn'})\n"
+    )
     space = get_space(str(tmp_path / "mine.py"))
     assert space.name == "mine" and "lr" in space.dimensions()
 
 
 def test_bad_search_flags_are_one_line_errors(tiny_data, tmp_path):
-    for args, text in [(["--grace-period", "5", "--max-epochs", "2"], "--grace-period"),
-                       (["--reduction-factor", "1"], "--reduction-factor"),
-                       (["--body-part", "XR_KNEE"], "--body-part"),
-                       (["--set", "dropout=2"], "dropout must be in"),
-                       (["--resume", "--name", "nope"], "no experiment 'nope'")]:
+    for args, text in [
+        (["--grace-period", "5", "--max-epochs", "2"], "--grace-period"),
+        (["--reduction-factor", "1"], "--reduction-factor"),
+        (["--body-part", "XR_KNEE"], "--body-part"),
+        (["--set", "dropout=2"], "dropout must be in"),
+        (["--resume", "--name", "nope"], "no experiment 'nope'"),
+    ]:
         result = cli("--space", "custom_cnn", "--data", tiny_data, "--results", tmp_path, *args)
-        assert result.returncode == 2 and text in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+        assert (
+            result.returncode == 2 and text in result.stderr and "Traceback" not in result.stderr
+        ), (args, result.stderr)
 
 
 def test_specialists_add_one_search_per_body_part(tiny_data, ray_session, tmp_path):
-    code = run_cli("--space", "custom_cnn", "--data", tiny_data, "--num-samples", 1, "--specialists",
-                   "--specialist-samples", 1, "--max-epochs", 1, "--max-concurrent", 2, "--cpus-per-trial", 1,
-                   "--results", tmp_path, "--name", "spec", "--set", "image_size=32", "--set", "depth=2")
+    code = run_cli(
+        "--space",
+        "custom_cnn",
+        "--data",
+        tiny_data,
+        "--num-samples",
+        1,
+        "--specialists",
+        "--specialist-samples",
+        1,
+        "--max-epochs",
+        1,
+        "--max-concurrent",
+        2,
+        "--cpus-per-trial",
+        1,
+        "--results",
+        tmp_path,
+        "--name",
+        "spec",
+        "--set",
+        "image_size=32",
+        "--set",
+        "depth=2",
+    )
     assert code == 0
     board = pd.read_parquet(tmp_path / "spec" / "leaderboard.parquet")
     parts = sorted(pd.read_parquet(tmp_path / "spec" / "split.parquet")["body_part"].unique())
     assert sorted(board["scope"]) == sorted(["all", *parts])
     for _, row in board[board["scope"] != "all"].iterrows():
         predictions = pd.read_parquet(row["predictions_path"])
-        assert set(predictions["body_part"]) == {row["scope"]}, row["scope"]  # a specialist sees only its part
-    study_names = {s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'spec' / 'optuna.db'}")}
+        assert set(predictions["body_part"]) == {row["scope"]}, row[
+            "scope"
+        ]  # a specialist sees only its part
+    study_names = {
+        s.study_name
+        for s in optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'spec' / 'optuna.db'}")
+    }
     assert study_names == {f"spec:{scope}" for scope in ["all", *parts]}

@@ -23,7 +23,12 @@ TINY = {"image_size": 32, "depth": 3, "base_filters": 8, "batch_size": 16, "seed
 
 @pytest.mark.parametrize("model", MODELS)
 def test_every_model_builds_and_trains_one_step(model):
-    config = TrainConfig(model=model, image_size=32 if model == "custom_cnn" else 64, head_widths=[16], head_dropout=0.1).validate()
+    config = TrainConfig(
+        model=model,
+        image_size=32 if model == "custom_cnn" else 64,
+        head_widths=[16],
+        head_dropout=0.1,
+    ).validate()
     net = build_model(config).train()
     opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-3)
     x = torch.randn(2, 3, config.image_size, config.image_size)
@@ -52,49 +57,88 @@ def test_unfreeze_blocks_trainable_counts(model):
     for k in range(len(blocks) + 1):
         net = build_model(TrainConfig(model=model, unfreeze_blocks=k).validate())
         head = sum(p.numel() for p in net.head.parameters())
-        block_params = sum(p.numel() for block in blocks[len(blocks) - k:] for m in block for p in m.parameters())
+        block_params = sum(
+            p.numel() for block in blocks[len(blocks) - k :] for m in block for p in m.parameters()
+        )
         trainable, total = count_parameters(net)
         # Documented: the last K blocks plus the head train, nothing else.
-        expected = head + sum(p.numel() for block in backbone_blocks(model, net.backbone)[len(blocks) - k:] for m in block for p in m.parameters())
+        expected = head + sum(
+            p.numel()
+            for block in backbone_blocks(model, net.backbone)[len(blocks) - k :]
+            for m in block
+            for p in m.parameters()
+        )
         assert trainable == expected, (model, k)
         counts.append(trainable)
         assert block_params >= 0
-    assert counts[0] == sum(p.numel() for p in build_model(TrainConfig(model=model, unfreeze_blocks=0)).head.parameters())
+    assert counts[0] == sum(
+        p.numel()
+        for p in build_model(TrainConfig(model=model, unfreeze_blocks=0)).head.parameters()
+    )
     assert counts == sorted(counts) and counts[-1] == total
-    assert count_parameters(build_model(TrainConfig(model=model, unfreeze_blocks="all")))[0] == total
+    assert (
+        count_parameters(build_model(TrainConfig(model=model, unfreeze_blocks="all")))[0] == total
+    )
 
 
 def test_frozen_weights_bit_identical_after_an_epoch(tiny_split, tmp_path):
     table, _ = tiny_split
-    config = TrainConfig(model="resnet18", unfreeze_blocks=1, image_size=32, max_epochs=1, batch_size=16).validate()
+    config = TrainConfig(
+        model="resnet18", unfreeze_blocks=1, image_size=32, max_epochs=1, batch_size=16
+    ).validate()
     torch.manual_seed(0)
     before = build_model(config).state_dict()
     run_training(config, table, tmp_path, verbose=False)
     net, _ = load_checkpoint(tmp_path / "best.pt")
     after = net.state_dict()
-    frozen = [k for k in before if k.startswith(("backbone.conv1", "backbone.bn1", "backbone.layer1", "backbone.layer2", "backbone.layer3"))]
+    frozen = [
+        k
+        for k in before
+        if k.startswith(
+            (
+                "backbone.conv1",
+                "backbone.bn1",
+                "backbone.layer1",
+                "backbone.layer2",
+                "backbone.layer3",
+            )
+        )
+    ]
     trained = [k for k in before if k.startswith("backbone.layer4") and k.endswith("weight")]
-    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen), "a frozen tensor (weight or BN buffer) changed"
-    assert any(not torch.equal(before[k], after[k]) for k in trained), "the unfrozen block did not train"
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen), (
+        "a frozen tensor (weight or BN buffer) changed"
+    )
+    assert any(not torch.equal(before[k], after[k]) for k in trained), (
+        "the unfrozen block did not train"
+    )
 
 
 def test_augmentation_identity_at_zero_and_changes_above():
     x = torch.rand(4, 1, 32, 32)
     assert torch.equal(augment(x, 0.0), x)
     y = augment(x, 1.0, torch.Generator().manual_seed(0))
-    assert y.shape == x.shape and not torch.allclose(x, y) and float(y.min()) >= 0 and float(y.max()) <= 1
+    assert (
+        y.shape == x.shape
+        and not torch.allclose(x, y)
+        and float(y.min()) >= 0
+        and float(y.max()) <= 1
+    )
 
 
 def test_metrics_match_sklearn_and_edge_cases():
     rng = np.random.default_rng(0)
-    images = pd.DataFrame({"study_id": rng.integers(0, 40, 200).astype(str), "body_part": "XR_HAND"})
+    images = pd.DataFrame(
+        {"study_id": rng.integers(0, 40, 200).astype(str), "body_part": "XR_HAND"}
+    )
     images["label"] = images["study_id"].astype(int) % 2
     images["prob"] = np.clip(images["label"] * 0.3 + rng.random(200) * 0.7, 0, 1)
     studies = study_table(images)
     expected = images.groupby("study_id")["prob"].mean()
     assert np.allclose(studies.set_index("study_id")["prob"], expected)
     m = split_metrics(images, "val")
-    assert m["val_kappa_study"] == pytest.approx(cohen_kappa_score(studies["label"], studies["prob"] > 0.5))
+    assert m["val_kappa_study"] == pytest.approx(
+        cohen_kappa_score(studies["label"], studies["prob"] > 0.5)
+    )
     assert m["val_auc"] == pytest.approx(roc_auc_score(studies["label"], studies["prob"]))
     assert cohen_kappa(np.array([0, 1, 1]), np.array([0.9, 0.9, 0.9])) == 0.0  # constant predictor
     assert cohen_kappa(np.array([1, 1]), np.array([0.9, 0.9])) == 0.0  # undefined -> 0, not NaN
@@ -105,11 +149,26 @@ def test_run_outputs_checkpoint_reproduces_predictions(tiny_split, tmp_path):
     table, _ = tiny_split
     config = TrainConfig(**TINY, max_epochs=2).validate()
     summary = run_training(config, table, tmp_path, verbose=False)
-    for name in ("config.yaml", "metrics.parquet", "best.pt", "predictions.parquet", "summary.json"):
+    for name in (
+        "config.yaml",
+        "metrics.parquet",
+        "best.pt",
+        "predictions.parquet",
+        "summary.json",
+    ):
         assert (tmp_path / name).exists(), name
     metrics = pd.read_parquet(tmp_path / "metrics.parquet")
-    assert len(metrics) == 2 and {"train_loss", "val_loss", "val_auc", "val_accuracy", "val_kappa_image", "val_kappa_study"} <= set(metrics)
-    assert any(c.startswith("val_kappa_study_XR_") for c in metrics) and any(c.startswith("val_auc_XR_") for c in metrics)
+    assert len(metrics) == 2 and {
+        "train_loss",
+        "val_loss",
+        "val_auc",
+        "val_accuracy",
+        "val_kappa_image",
+        "val_kappa_study",
+    } <= set(metrics)
+    assert any(c.startswith("val_kappa_study_XR_") for c in metrics) and any(
+        c.startswith("val_auc_XR_") for c in metrics
+    )
     blob = torch.load(tmp_path / "best.pt", weights_only=True)
     assert blob["epoch"] == summary["best_epoch"]
     preds = pd.read_parquet(tmp_path / "predictions.parquet")
@@ -118,7 +177,9 @@ def test_run_outputs_checkpoint_reproduces_predictions(tiny_split, tmp_path):
     # Kappa/AUC from predictions.parquet equal sklearn's on study labels, and the recorded metrics.
     val = study_table(preds[preds["split"] == "val"])
     best = metrics[metrics["epoch"] == summary["best_epoch"]].iloc[0]
-    assert best["val_kappa_study"] == pytest.approx(cohen_kappa_score(val["label"], val["prob"] > 0.5))
+    assert best["val_kappa_study"] == pytest.approx(
+        cohen_kappa_score(val["label"], val["prob"] > 0.5)
+    )
     assert best["val_auc"] == pytest.approx(roc_auc_score(val["label"], val["prob"]))
     # A loaded checkpoint reproduces the saved val predictions.
     from mura_tune.train.augment import Normalize
@@ -133,7 +194,12 @@ def test_run_outputs_checkpoint_reproduces_predictions(tiny_split, tmp_path):
 
 def test_specialist_scope_trains_and_predicts_one_part(tiny_split, tmp_path):
     table, _ = tiny_split
-    run_training(TrainConfig(**TINY, max_epochs=1, body_part="XR_WRIST").validate(), table, tmp_path, verbose=False)
+    run_training(
+        TrainConfig(**TINY, max_epochs=1, body_part="XR_WRIST").validate(),
+        table,
+        tmp_path,
+        verbose=False,
+    )
     preds = pd.read_parquet(tmp_path / "predictions.parquet")
     assert set(preds["body_part"]) == {"XR_WRIST"} and set(preds["split"]) == {"val", "test"}
     wrist = table[(table["body_part"] == "XR_WRIST") & table["split"].isin(["val", "test"])]
@@ -147,7 +213,9 @@ def test_nan_loss_stops_with_status_and_no_garbage_checkpoint(tiny_split, tmp_pa
         run_training(config, table, tmp_path, verbose=False)
     metrics = pd.read_parquet(tmp_path / "metrics.parquet")
     assert metrics["status"].iloc[-1] == "diverged"
-    assert not (tmp_path / "best.pt").exists() or not math.isnan(torch.load(tmp_path / "best.pt", weights_only=True)["epoch"])
+    assert not (tmp_path / "best.pt").exists() or not math.isnan(
+        torch.load(tmp_path / "best.pt", weights_only=True)["epoch"]
+    )
     import json
 
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
@@ -160,7 +228,9 @@ def test_config_validation_and_round_trip(tmp_path):
         TrainConfig.from_dict({"model": "densenet12"})
     with pytest.raises(ConfigError, match="unknown key 'learning_rate'"):
         TrainConfig.from_dict({"learning_rate": 1})
-    config = TrainConfig().updated(parse_overrides(["lr=3e-4", "head_widths=[64, 32]", "unfreeze_blocks=2"]))
+    config = TrainConfig().updated(
+        parse_overrides(["lr=3e-4", "head_widths=[64, 32]", "unfreeze_blocks=2"])
+    )
     for suffix in (".yaml", ".json"):
         config.save(tmp_path / f"c{suffix}")
         assert TrainConfig.load(tmp_path / f"c{suffix}") == config

@@ -52,9 +52,13 @@ def test_weights_record_the_exact_images_they_were_trained_on(seed0_weights):
     info = json.loads(weights.with_suffix(".json").read_text())
     listed = pd.read_parquet(images_file(weights))["image_path"].tolist()
     assert info["images"]["count"] == len(listed) == info["n_images"] > 0
-    assert len(info["images"]["sha256"]) == 64 and info["images"]["file"] == images_file(weights).name
+    assert (
+        len(info["images"]["sha256"]) == 64 and info["images"]["file"] == images_file(weights).name
+    )
     assert set(listed) <= _train_paths(split)  # resolved train-split paths only
-    assert info["split"]["seed"] == 0 and info["split"]["images"]["val"] == int((split["split"] == "val").sum())
+    assert info["split"]["seed"] == 0 and info["split"]["images"]["val"] == int(
+        (split["split"] == "val").sum()
+    )
     assert trained_images(weights) == set(listed)
     assert check_weights_split(str(weights), split) is None  # its own split: nothing to refuse
 
@@ -70,7 +74,9 @@ def test_tampered_image_list_is_refused(seed0_weights, tmp_path):
         check_weights_split(str(copy), split)
 
 
-def test_run_given_weights_that_saw_its_val_images_is_refused_in_one_line(seed0_weights, tiny_data, tmp_path, capsys):
+def test_run_given_weights_that_saw_its_val_images_is_refused_in_one_line(
+    seed0_weights, tiny_data, tmp_path, capsys
+):
     weights, seed0 = seed0_weights
     other = assign_split(read_dataset(tiny_data).table, 0.2, 3)
     split_path = write_split(other, tmp_path / "split3.parquet")
@@ -78,13 +84,30 @@ def test_run_given_weights_that_saw_its_val_images_is_refused_in_one_line(seed0_
     overlap = set(resolved_paths(held["image_path"])) & trained_images(weights)
     assert overlap  # seed 3 moves some of seed 0's train patients into val
     out = tmp_path / "run"
-    code = run_cli("train", "--data", tiny_data, "--split", split_path, "--out", out, "--set", "model=resnet18",
-                   "--set", f"pretrained={weights}", "--set", f"image_size={SIZE}", "--set", "max_epochs=1")
+    code = run_cli(
+        "train",
+        "--data",
+        tiny_data,
+        "--split",
+        split_path,
+        "--out",
+        out,
+        "--set",
+        "model=resnet18",
+        "--set",
+        f"pretrained={weights}",
+        "--set",
+        f"image_size={SIZE}",
+        "--set",
+        "max_epochs=1",
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith("mura-tune: error: weights ") and str(weights) in err
     assert f"trained on {len(overlap)} of this run's held-out images" in err
-    assert not (out / "metrics.parquet").exists() and not (out / "config.yaml").exists()  # nothing trained
+    assert (
+        not (out / "metrics.parquet").exists() and not (out / "config.yaml").exists()
+    )  # nothing trained
     # The library refuses the same way, before writing anything.
     config = TrainConfig(model="resnet18", pretrained=str(weights), image_size=SIZE, max_epochs=1)
     from mura_tune.train.run import run_training
@@ -96,10 +119,30 @@ def test_run_given_weights_that_saw_its_val_images_is_refused_in_one_line(seed0_
 
 def test_search_refuses_such_weights_before_any_trial(seed0_weights, tiny_data, tmp_path, capsys):
     weights, _ = seed0_weights
-    code = run_cli("--space", "custom_cnn", "--data", tiny_data, "--results", tmp_path, "--name", "leak",
-                   "--seed", 3, "--num-samples", 1, "--set", f"pretrained={weights}", "--set", f"image_size={SIZE}")
+    code = run_cli(
+        "--space",
+        "custom_cnn",
+        "--data",
+        tiny_data,
+        "--results",
+        tmp_path,
+        "--name",
+        "leak",
+        "--seed",
+        3,
+        "--num-samples",
+        1,
+        "--set",
+        f"pretrained={weights}",
+        "--set",
+        f"image_size={SIZE}",
+    )
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1].startswith("mura-tune: error: weights ") and "held-out images" in err[-1]
+    assert (
+        code == 2
+        and err[-1].startswith("mura-tune: error: weights ")
+        and "held-out images" in err[-1]
+    )
     assert not (tmp_path / "leak" / "trials").exists()
 
 
@@ -118,13 +161,29 @@ def tiny_bodypart(trial):
 
 
 @pytest.mark.slow
-def test_bodypart_search_pretrains_on_its_own_train_split(tiny_data, ray_session, tmp_path, monkeypatch):
+def test_bodypart_search_pretrains_on_its_own_train_split(
+    tiny_data, ray_session, tmp_path, monkeypatch
+):
     """Acceptance: --seed 3 with pretrained: bodypart; every image the weights saw is in this experiment's train split."""
-    monkeypatch.setattr(pretrain_module, "BODYPART_EPOCHS", 1)  # the driver builds them, in this process
+    monkeypatch.setattr(
+        pretrain_module, "BODYPART_EPOCHS", 1
+    )  # the driver builds them, in this process
     space = tmp_path / "tiny_bodypart.py"
     space.write_text(BODYPART_SPACE)
-    code = run_cli("--space", space, "--data", tiny_data, "--results", tmp_path, "--name", "bp", "--seed", 3,
-                   "--cpus-per-trial", 1)
+    code = run_cli(
+        "--space",
+        space,
+        "--data",
+        tiny_data,
+        "--results",
+        tmp_path,
+        "--name",
+        "bp",
+        "--seed",
+        3,
+        "--cpus-per-trial",
+        1,
+    )
     assert code == 0
     exp = tmp_path / "bp"
     plan = json.loads((exp / "experiment.json").read_text())
@@ -135,7 +194,10 @@ def test_bodypart_search_pretrains_on_its_own_train_split(tiny_data, ray_session
     assert seen and seen <= _train_paths(split)
     assert not seen & set(resolved_paths(split.loc[split["split"] != "train", "image_path"]))
     info = json.loads(weights.with_suffix(".json").read_text())
-    assert info["split"]["seed"] == 3 and Path(info["split"]["path"]) == (exp / "split.parquet").resolve()
+    assert (
+        info["split"]["seed"] == 3
+        and Path(info["split"]["path"]) == (exp / "split.parquet").resolve()
+    )
     board = pd.read_parquet(exp / "leaderboard.parquet")
     assert board["status"].tolist() == ["COMPLETED"]
     assert board["weights_source"].tolist() == [f"bodypart:{weights.name}"]
@@ -149,10 +211,16 @@ def test_auto_offline_builds_no_bodypart_weights(tiny_split, tmp_path, monkeypat
     from mura_tune.search.prepare import prepare_weights
 
     monkeypatch.setenv("MURA_TUNE_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # an empty cache
-    monkeypatch.setattr(pretrain_module, "pretrain_bodypart", lambda *a, **k: pytest.fail("built body-part weights"))
+    monkeypatch.setattr(
+        huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf")
+    )  # an empty cache
+    monkeypatch.setattr(
+        pretrain_module, "pretrain_bodypart", lambda *a, **k: pytest.fail("built body-part weights")
+    )
     table, _ = tiny_split
-    plan = search_plan(tmp_path / "x", space="densenet_finetune", fixed={"pretrained": "auto", "image_size": 64})
+    plan = search_plan(
+        tmp_path / "x", space="densenet_finetune", fixed={"pretrained": "auto", "image_size": 64}
+    )
     prepare_weights(plan, table, {"seed": 0})
     assert plan.fixed["pretrained_by_model"] == {"densenet121": "none"}
     assert not (tmp_path / "home" / "weights").exists()
@@ -186,8 +254,14 @@ def test_local_imagenet_file_is_picked_up_and_loaded(suffix, tiny_split, tmp_pat
         from mura_tune.train.run import run_training
 
         table, _ = tiny_split
-        config = TrainConfig(model="resnet18", pretrained="imagenet", unfreeze_blocks=0, image_size=SIZE,
-                             max_epochs=1, threads=1)
+        config = TrainConfig(
+            model="resnet18",
+            pretrained="imagenet",
+            unfreeze_blocks=0,
+            image_size=SIZE,
+            max_epochs=1,
+            threads=1,
+        )
         summary = run_training(config, table, tmp_path / "run", verbose=False)
         assert summary["weights_source"] == f"imagenet:file:{path}"
 
@@ -236,6 +310,13 @@ def test_gpu_check_runs_every_path_on_cpu(tiny_data, ray_session, tmp_path, caps
     assert code == 0 and report["ok"], report["checks"]
     assert len(report["search"]["trials"]) == gpu_check.SEARCH_TRIALS
     assert report["train"]["train_images_per_s"] > 0 and report["pretrain"]["device"] == "cpu"
-    assert gpu_check.most_at_once([{"start": 0, "end": 2}, {"start": 1, "end": 3}, {"start": 3, "end": 4}]) == 2
+    assert (
+        gpu_check.most_at_once(
+            [{"start": 0, "end": 2}, {"start": 1, "end": 3}, {"start": 3, "end": 4}]
+        )
+        == 2
+    )
     if not torch.cuda.is_available():
-        assert gpu_check.main([]) == 0 and capsys.readouterr().out.strip().endswith("skipped: no CUDA")
+        assert gpu_check.main([]) == 0 and capsys.readouterr().out.strip().endswith(
+            "skipped: no CUDA"
+        )

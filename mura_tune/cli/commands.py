@@ -35,8 +35,16 @@ def dispatch(args) -> int:
 def data_synth(args) -> int:
     from mura_tune.data.synth import synthesize
 
-    root = synthesize(args.out, scale=args.scale, valid_scale=args.valid_scale, size=args.size, difficulty=args.difficulty, seed=args.seed,
-                      index=args.index, workers=args.workers)
+    root = synthesize(
+        args.out,
+        scale=args.scale,
+        valid_scale=args.valid_scale,
+        size=args.size,
+        difficulty=args.difficulty,
+        seed=args.seed,
+        index=args.index,
+        workers=args.workers,
+    )
     paths_written(root)
     return 0
 
@@ -64,8 +72,10 @@ def data_split(args) -> int:
     table = assign_split(read_dataset(args.data).table, args.val_fraction, args.seed)
     write_split(table, out)
     report = split_report(table)
-    print(f"studies: {report['studies']}; val = {100 * report['val_fraction_of_train_studies']:.1f}% of train studies; "
-          f"patients in several splits: {report['patients_in_several_splits']}")
+    print(
+        f"studies: {report['studies']}; val = {100 * report['val_fraction_of_train_studies']:.1f}% of train studies; "
+        f"patients in several splits: {report['patients_in_several_splits']}"
+    )
     paths_written(out)
     return 0
 
@@ -96,7 +106,9 @@ def train(args) -> int:
     if args.from_trial:
         trial = TrialDir(Path(args.from_trial))
         if not trial.config.exists():
-            raise ExperimentError(f"--from-trial {trial.path}: no {trial.config.name} (expected RESULTS/EXP/trials/ID)")
+            raise ExperimentError(
+                f"--from-trial {trial.path}: no {trial.config.name} (expected RESULTS/EXP/trials/ID)"
+            )
         config = TrainConfig.load(trial.config)
         split_path = split_path or ExperimentDir(trial.path.parent.parent).split
     else:
@@ -115,17 +127,22 @@ def train(args) -> int:
     from mura_tune.train.pretrain import resolve_pretrained
     from mura_tune.train.weights import check_weights_split
 
-    pretrained, weights_source = resolve_pretrained(config.model, config.pretrained, table, config.image_size,
-                                                    split_info=split_info)
-    config = config.updated({"pretrained": pretrained}) if pretrained != config.pretrained else config
+    pretrained, weights_source = resolve_pretrained(
+        config.model, config.pretrained, table, config.image_size, split_info=split_info
+    )
+    config = (
+        config.updated({"pretrained": pretrained}) if pretrained != config.pretrained else config
+    )
     check_weights_split(config.pretrained, table)  # refused here, before any training
     from mura_tune.train.run import run_training
 
     summary = run_training(config, table, out, strict=args.strict, weights_source=weights_source)
     val, test = summary["val"], summary["test"]
-    print(f"best epoch {summary['best_epoch']}: val_kappa_study {val.get('val_kappa_study', float('nan')):.3f}, "
-          f"val_auc {val.get('val_auc', float('nan')):.3f} | test_kappa_study {test.get('test_kappa_study', float('nan')):.3f} "
-          "(test is reported, never used to choose)")
+    print(
+        f"best epoch {summary['best_epoch']}: val_kappa_study {val.get('val_kappa_study', float('nan')):.3f}, "
+        f"val_auc {val.get('val_auc', float('nan')):.3f} | test_kappa_study {test.get('test_kappa_study', float('nan')):.3f} "
+        "(test is reported, never used to choose)"
+    )
     paths_written(run.config, run.metrics, run.checkpoint, run.predictions, run.summary)
     return 0
 
@@ -138,13 +155,25 @@ def pretrain(args) -> int:
         from mura_tune.data.split import load_split
 
         split_table, split_info = load_split(args.split), {"path": str(Path(args.split).resolve())}
-    out, info = pretrain_bodypart(args.backbone, data=args.data, out=args.out, epochs=args.epochs,
-                                  image_size=args.image_size, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                  val_fraction=args.val_fraction, split_table=split_table, split_info=split_info,
-                                  device=args.device)
-    print(f"body-part accuracy {info['holdout_accuracy']:.3f} on {info['holdout']['images']} held-out train-split images "
-          f"(last epoch's augmented train accuracy {info['train_accuracy']:.3f}); trained on {info['images']['count']} "
-          f"images, listed in {info['images']['file']}")
+    out, info = pretrain_bodypart(
+        args.backbone,
+        data=args.data,
+        out=args.out,
+        epochs=args.epochs,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        val_fraction=args.val_fraction,
+        split_table=split_table,
+        split_info=split_info,
+        device=args.device,
+    )
+    print(
+        f"body-part accuracy {info['holdout_accuracy']:.3f} on {info['holdout']['images']} held-out train-split images "
+        f"(last epoch's augmented train accuracy {info['train_accuracy']:.3f}); trained on {info['images']['count']} "
+        f"images, listed in {info['images']['file']}"
+    )
     paths_written(out, Path(out).with_name(info["images"]["file"]), Path(out).with_suffix(".json"))
     return 0
 
@@ -160,7 +189,10 @@ def search(args) -> int:
         plan = SearchPlan.for_resume(args.results, args.name, args.space, address=args.address)
     else:  # the plan checks every flag before torch or Ray is imported
         names = {f.name for f in fields(SearchPlan) if f.init} - {"overrides"}
-        plan = SearchPlan(**{k: v for k, v in vars(args).items() if k in names}, overrides=parse_overrides(args.set))
+        plan = SearchPlan(
+            **{k: v for k, v in vars(args).items() if k in names},
+            overrides=parse_overrides(args.set),
+        )
     from mura_tune.search.driver import run_search
     from mura_tune.search.leaderboard import format_leaderboard
 
@@ -173,10 +205,16 @@ def search(args) -> int:
         print(f"mura-tune: {result.note}", file=sys.stderr)
     print(f"experiment folder: {exp}  (Optuna study: {exp / 'optuna.db'})")
     if result.interrupted:
-        print(f"mura-tune: interrupted; finished trials are kept. Resume with: {plan.resume_command()}", file=sys.stderr)
+        print(
+            f"mura-tune: interrupted; finished trials are kept. Resume with: {plan.resume_command()}",
+            file=sys.stderr,
+        )
     elif result.budget_reached:
-        print(f"mura-tune: the time budget of {plan.time_budget_s:g} s ran out; finished trials are kept. "
-              f"Continue with: {plan.resume_command()}", file=sys.stderr)
+        print(
+            f"mura-tune: the time budget of {plan.time_budget_s:g} s ran out; finished trials are kept. "
+            f"Continue with: {plan.resume_command()}",
+            file=sys.stderr,
+        )
     return result.exit_code
 
 
@@ -206,8 +244,18 @@ def leaderboard(args) -> int:
 def ensemble(args) -> int:
     from mura_tune.ensemble.build import build_ensemble, format_report
 
-    out = EnsembleDir(build_ensemble(args.experiment, name=args.name, out_root=args.out_root, max_size=args.max_size,
-                                     specialists=args.specialists, metric=args.metric, margin=args.margin, seed=args.seed))
+    out = EnsembleDir(
+        build_ensemble(
+            args.experiment,
+            name=args.name,
+            out_root=args.out_root,
+            max_size=args.max_size,
+            specialists=args.specialists,
+            metric=args.metric,
+            margin=args.margin,
+            seed=args.seed,
+        )
+    )
     print(format_report(read_json(out.report)))
     skipped = (read_json(out.manifest) or {}).get("n_skipped", 0)
     if skipped:
@@ -256,9 +304,18 @@ def cam(args) -> int:
 
 
 HANDLERS = {
-    "data_synth": data_synth, "data_summary": data_summary, "data_split": data_split, "data_cache": data_cache,
-    "train": train, "pretrain": pretrain, "search": search, "spaces": spaces, "leaderboard": leaderboard,
-    "ensemble": ensemble, "evaluate": evaluate, "predict": predict, "report": report, "cam": cam,
+    "data_synth": data_synth,
+    "data_summary": data_summary,
+    "data_split": data_split,
+    "data_cache": data_cache,
+    "train": train,
+    "pretrain": pretrain,
+    "search": search,
+    "spaces": spaces,
+    "leaderboard": leaderboard,
+    "ensemble": ensemble,
+    "evaluate": evaluate,
+    "predict": predict,
+    "report": report,
+    "cam": cam,
 }
-
-

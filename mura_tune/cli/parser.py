@@ -36,8 +36,13 @@ def flag(rule: Range):
     return parse
 
 
-def number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False,
-           high_open: bool = False):
+def number(
+    kind: type,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+):
     """:func:`flag` of a rule written in place (flags the library does not check itself)."""
     return flag(Range(kind, low, high, low_open, high_open))
 
@@ -45,15 +50,32 @@ def number(kind: type, low: float | None = None, high: float | None = None, low_
 POSITIVE_INT = number(int, 1)
 FRACTION = number(float, 0, 1, low_open=True, high_open=True)
 
-COMMANDS = ("data", "train", "pretrain", "search", "spaces", "leaderboard", "ensemble", "evaluate", "predict", "report", "cam")
+COMMANDS = (
+    "data",
+    "train",
+    "pretrain",
+    "search",
+    "spaces",
+    "leaderboard",
+    "ensemble",
+    "evaluate",
+    "predict",
+    "report",
+    "cam",
+)
 
 
 def _data_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="MURA-v1.1 folder (or its parent) or a .csv/.parquet manifest; default: the embedded synthetic set")
+    p.add_argument(
+        "--data",
+        help="MURA-v1.1 folder (or its parent) or a .csv/.parquet manifest; default: the embedded synthetic set",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="mura-tune", description="Search, fine-tune and ensemble MURA radiograph classifiers.")
+    parser = Parser(
+        prog="mura-tune", description="Search, fine-tune and ensemble MURA radiograph classifiers."
+    )
     parser.add_argument("--version", action="version", version=f"mura-tune {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -62,19 +84,39 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     p = dsub.add_parser("synth", help="write a synthetic dataset in the exact MURA-v1.1 layout")
     p.add_argument("--out", required=True, help="folder to create OUT/MURA-v1.1 in")
-    p.add_argument("--scale", type=number(float, 0, 1, low_open=True), default=0.02, help="fraction of MURA's patients (default 0.02)")
-    p.add_argument("--valid-scale", type=number(float, 0, 1, low_open=True), default=None,
-                   help="fraction of MURA's valid (test) studies (default: --scale; 1.0 = all 1,199)")
-    p.add_argument("--size", type=int, default=256, help="long side of the images in px (default 256)")
-    p.add_argument("--difficulty", type=float, default=0.5, help="0 = obvious findings, 1 = subtle (default 0.5)")
+    p.add_argument(
+        "--scale",
+        type=number(float, 0, 1, low_open=True),
+        default=0.02,
+        help="fraction of MURA's patients (default 0.02)",
+    )
+    p.add_argument(
+        "--valid-scale",
+        type=number(float, 0, 1, low_open=True),
+        default=None,
+        help="fraction of MURA's valid (test) studies (default: --scale; 1.0 = all 1,199)",
+    )
+    p.add_argument(
+        "--size", type=int, default=256, help="long side of the images in px (default 256)"
+    )
+    p.add_argument(
+        "--difficulty",
+        type=float,
+        default=0.5,
+        help="0 = obvious findings, 1 = subtle (default 0.5)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--index", help="follow a real MURA index folder exactly (e.g. ../shared/mura-v1.1-index)")
+    p.add_argument(
+        "--index", help="follow a real MURA index folder exactly (e.g. ../shared/mura-v1.1-index)"
+    )
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p = dsub.add_parser("summary", help="counts per split and body part, and every problem found")
     _data_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-image-check", action="store_true", help="do not decode every image")
-    p = dsub.add_parser("split", help="patient-disjoint train/val split (+ the official valid set as test)")
+    p = dsub.add_parser(
+        "split", help="patient-disjoint train/val split (+ the official valid set as test)"
+    )
     _data_arg(p)
     p.add_argument("--val-fraction", type=FRACTION, default=0.2)
     p.add_argument("--seed", type=number(int, 0), default=0)
@@ -86,25 +128,76 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="one training run (no Ray)")
     _data_arg(p)
     p.add_argument("--config", help="YAML/JSON config file")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)"
+    )
     p.add_argument("--out", help="run folder (default results/train-<time>)")
-    p.add_argument("--split", help="split manifest to use (default: a seeded split written into --out)")
-    p.add_argument("--from-trial", help="re-run a trial of an earlier search exactly (RESULTS/EXP/trials/ID)")
-    p.add_argument("--strict", action="store_true", help="fail on unreadable images instead of skipping them")
+    p.add_argument(
+        "--split", help="split manifest to use (default: a seeded split written into --out)"
+    )
+    p.add_argument(
+        "--from-trial", help="re-run a trial of an earlier search exactly (RESULTS/EXP/trials/ID)"
+    )
+    p.add_argument(
+        "--strict", action="store_true", help="fail on unreadable images instead of skipping them"
+    )
 
-    p = sub.add_parser("pretrain", help="pretrain a backbone on body-part labels (train split only)")
+    p = sub.add_parser(
+        "pretrain", help="pretrain a backbone on body-part labels (train split only)"
+    )
     _data_arg(p)
-    p.add_argument("--backbone", default="densenet121", help="timm model name (default densenet121)")
-    p.add_argument("--task", default="body_part", choices=["body_part"], help="label to learn: the 7 body parts")
-    p.add_argument("--epochs", type=POSITIVE_INT, default=6, help="passes over the train split (default 6, as pretrained: bodypart)")
-    p.add_argument("--image-size", type=int, default=64, help="input side in px; fine-tune at the same size (default 64)")
+    p.add_argument(
+        "--backbone", default="densenet121", help="timm model name (default densenet121)"
+    )
+    p.add_argument(
+        "--task",
+        default="body_part",
+        choices=["body_part"],
+        help="label to learn: the 7 body parts",
+    )
+    p.add_argument(
+        "--epochs",
+        type=POSITIVE_INT,
+        default=6,
+        help="passes over the train split (default 6, as pretrained: bodypart)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=64,
+        help="input side in px; fine-tune at the same size (default 64)",
+    )
     p.add_argument("--batch-size", type=POSITIVE_INT, default=32)
-    p.add_argument("--lr", type=number(float, 0, low_open=True), default=1e-3, help="Adam learning rate (default 1e-3)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (match the search's --seed), the holdout and training (default 0)")
-    p.add_argument("--val-fraction", type=FRACTION, default=0.2, help="val share of that split (match the search's; default 0.2)")
-    p.add_argument("--split", help="take the train rows of this split manifest instead (e.g. RESULTS/EXP/split.parquet)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N] (default auto)")
-    p.add_argument("--out", required=True, help="weights.safetensors (the image list and a .json beside it record how they were made)")
+    p.add_argument(
+        "--lr",
+        type=number(float, 0, low_open=True),
+        default=1e-3,
+        help="Adam learning rate (default 1e-3)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the train/val split (match the search's --seed), the holdout and training (default 0)",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=FRACTION,
+        default=0.2,
+        help="val share of that split (match the search's; default 0.2)",
+    )
+    p.add_argument(
+        "--split",
+        help="take the train rows of this split manifest instead (e.g. RESULTS/EXP/split.parquet)",
+    )
+    p.add_argument(
+        "--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N] (default auto)"
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="weights.safetensors (the image list and a .json beside it record how they were made)",
+    )
 
     p = sub.add_parser("search", help="hyperparameter search (Ray Tune + Optuna TPE + ASHA)")
     add_search_args(p)
@@ -123,19 +216,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", type=POSITIVE_INT, default=25)
     p.add_argument("--specialists", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--metric", choices=["kappa", "auc", "logloss"], default="kappa")
-    p.add_argument("--margin", type=number(float, 0), default=0.02, help="a part's own ensemble must beat the generalist by this")
+    p.add_argument(
+        "--margin",
+        type=number(float, 0),
+        default=0.02,
+        help="a part's own ensemble must beat the generalist by this",
+    )
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("evaluate", help="score a predictions file with bootstrap intervals")
     _data_arg(p)
-    p.add_argument("--predictions", required=True, help="MURA submission CSV, image-level or study-level Parquet/CSV")
+    p.add_argument(
+        "--predictions",
+        required=True,
+        help="MURA submission CSV, image-level or study-level Parquet/CSV",
+    )
     p.add_argument("--split", choices=["test", "val"], default="test")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("predict", help="predict studies with an ensemble")
     p.add_argument("--ensemble", required=True, help="ensembles/NAME")
-    p.add_argument("--data", required=True, help="MURA-layout folder, manifest, or a folder of study subfolders")
-    p.add_argument("--out", required=True, help="predictions.csv (MURA submission format; a .parquet is written beside it)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="MURA-layout folder, manifest, or a folder of study subfolders",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="predictions.csv (MURA submission format; a .parquet is written beside it)",
+    )
 
     p = sub.add_parser("report", help="HTML report of an experiment (and ensemble)")
     p.add_argument("--experiment", required=True)
@@ -154,32 +264,96 @@ def build_parser() -> argparse.ArgumentParser:
 def add_search_args(p: argparse.ArgumentParser) -> None:
     """The flags of a search: one per :class:`~mura_tune.search.plan.SearchPlan` field (same name),
     numbers parsed by the plan's own rules (:data:`~mura_tune.search.plan.RULES`)."""
-    p.add_argument("--space", required=True, help="a registered space (see `mura-tune spaces`) or path/to/space.py")
+    p.add_argument(
+        "--space",
+        required=True,
+        help="a registered space (see `mura-tune spaces`) or path/to/space.py",
+    )
     _data_arg(p)
-    p.add_argument("--num-samples", type=flag(RULES["num_samples"]), default=None, help="trials (default: the space's preset)")
-    p.add_argument("--max-epochs", type=flag(RULES["max_epochs"]), default=None, help="ASHA max_t (default: the space's preset)")
+    p.add_argument(
+        "--num-samples",
+        type=flag(RULES["num_samples"]),
+        default=None,
+        help="trials (default: the space's preset)",
+    )
+    p.add_argument(
+        "--max-epochs",
+        type=flag(RULES["max_epochs"]),
+        default=None,
+        help="ASHA max_t (default: the space's preset)",
+    )
     p.add_argument("--grace-period", type=flag(RULES["grace_period"]), default=1)
     p.add_argument("--reduction-factor", type=flag(RULES["reduction_factor"]), default=2)
-    p.add_argument("--max-concurrent", type=flag(RULES["max_concurrent"]), default=None, help="default: what the resources allow")
-    p.add_argument("--gpus-per-trial", type=flag(RULES["gpus_per_trial"]), default=None, help="fractions allowed; default 1 if CUDA, else 0")
-    p.add_argument("--cpus-per-trial", type=flag(RULES["cpus_per_trial"]), default=None, help="default: all cores on CPU, 4 with a GPU")
-    p.add_argument("--time-budget", dest="time_budget_s", type=flag(RULES["time_budget_s"]), default=None, metavar="SECONDS",
-                   help="stop each scope's search after this many seconds (Ray Tune's time_budget_s); finished trials are kept")
+    p.add_argument(
+        "--max-concurrent",
+        type=flag(RULES["max_concurrent"]),
+        default=None,
+        help="default: what the resources allow",
+    )
+    p.add_argument(
+        "--gpus-per-trial",
+        type=flag(RULES["gpus_per_trial"]),
+        default=None,
+        help="fractions allowed; default 1 if CUDA, else 0",
+    )
+    p.add_argument(
+        "--cpus-per-trial",
+        type=flag(RULES["cpus_per_trial"]),
+        default=None,
+        help="default: all cores on CPU, 4 with a GPU",
+    )
+    p.add_argument(
+        "--time-budget",
+        dest="time_budget_s",
+        type=flag(RULES["time_budget_s"]),
+        default=None,
+        metavar="SECONDS",
+        help="stop each scope's search after this many seconds (Ray Tune's time_budget_s); finished trials are kept",
+    )
     p.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT")
-    p.add_argument("--results", default="results", help="experiment storage (a folder shared by all nodes)")
+    p.add_argument(
+        "--results", default="results", help="experiment storage (a folder shared by all nodes)"
+    )
     p.add_argument("--name", help="experiment name (default: <space>-<time>)")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted experiment --name")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the interrupted experiment --name"
+    )
     p.add_argument("--seed", type=flag(RULES["seed"]), default=0)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--body-part", help="specialist search on one part (e.g. XR_WRIST)")
-    g.add_argument("--specialists", action="store_true", help="generalist search plus one search per body part")
-    p.add_argument("--specialist-samples", type=flag(RULES["specialist_samples"]), default=None, help="trials per body part with --specialists")
-    p.add_argument("--preset", choices=["cpu", "gpu"], default=None, help="default: gpu if CUDA is visible, else cpu")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="fix a config field for every trial")
-    p.add_argument("--max-failures", type=flag(RULES["max_failures"]), default=2, help="retries of a failed trial from its last checkpoint")
+    g.add_argument(
+        "--specialists", action="store_true", help="generalist search plus one search per body part"
+    )
+    p.add_argument(
+        "--specialist-samples",
+        type=flag(RULES["specialist_samples"]),
+        default=None,
+        help="trials per body part with --specialists",
+    )
+    p.add_argument(
+        "--preset",
+        choices=["cpu", "gpu"],
+        default=None,
+        help="default: gpu if CUDA is visible, else cpu",
+    )
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="fix a config field for every trial"
+    )
+    p.add_argument(
+        "--max-failures",
+        type=flag(RULES["max_failures"]),
+        default=2,
+        help="retries of a failed trial from its last checkpoint",
+    )
     p.add_argument("--val-fraction", type=flag(RULES["val_fraction"]), default=0.2)
-    p.add_argument("--strict", action="store_true", help="fail on unreadable images instead of skipping them")
-    p.add_argument("--random-search", action="store_true", help="baseline: random sampling and no early stopping")
+    p.add_argument(
+        "--strict", action="store_true", help="fail on unreadable images instead of skipping them"
+    )
+    p.add_argument(
+        "--random-search",
+        action="store_true",
+        help="baseline: random sampling and no early stopping",
+    )
 
 
 def implicit_search(argv: list[str]) -> list[str]:
@@ -188,8 +362,11 @@ def implicit_search(argv: list[str]) -> list[str]:
     while i < len(argv) and argv[i] == "--debug":
         i += 1
     rest = argv[i:]
-    if rest and rest[0].startswith("--") and rest[0] not in ("--help", "--version") and any(
-        a == "--space" or a.startswith("--space=") for a in rest
+    if (
+        rest
+        and rest[0].startswith("--")
+        and rest[0] not in ("--help", "--version")
+        and any(a == "--space" or a.startswith("--space=") for a in rest)
     ):
         return [*argv[:i], "search", *rest]
     return argv

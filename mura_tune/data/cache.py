@@ -88,7 +88,11 @@ def _decode_chunk(args: tuple[str, int, int, list[str]]) -> list[tuple[int, str 
 
 
 def build_cache(
-    image_paths: list[str], size: int, root: Path | None = None, workers: int | None = None, progress: bool = True
+    image_paths: list[str],
+    size: int,
+    root: Path | None = None,
+    workers: int | None = None,
+    progress: bool = True,
 ) -> ImageCache:
     """Open the cache for these images at this size, building it first if needed.
 
@@ -113,13 +117,22 @@ def build_cache(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         array_path = tmp / "images.npy"
-        np.lib.format.open_memmap(array_path, mode="w+", dtype=np.uint8, shape=(len(paths), size, size)).flush()
-        jobs = [(str(array_path), size, i, paths[i : i + CHUNK]) for i in range(0, len(paths), CHUNK)]
+        np.lib.format.open_memmap(
+            array_path, mode="w+", dtype=np.uint8, shape=(len(paths), size, size)
+        ).flush()
+        jobs = [
+            (str(array_path), size, i, paths[i : i + CHUNK]) for i in range(0, len(paths), CHUNK)
+        ]
         failures: dict[int, str] = {}
         workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
         # A bar only on a terminal: in logs and pipes it is noise around the one-line messages.
-        bar = tqdm(total=len(paths), desc=f"caching {size}px images", unit="img", file=sys.stderr,
-                   disable=not progress or not sys.stderr.isatty())
+        bar = tqdm(
+            total=len(paths),
+            desc=f"caching {size}px images",
+            unit="img",
+            file=sys.stderr,
+            disable=not progress or not sys.stderr.isatty(),
+        )
         if workers == 1:
             results = map(_decode_chunk, jobs)
         else:
@@ -141,8 +154,16 @@ def build_cache(
         )
         write_parquet(tmp / "index.parquet", index)
         # meta.json is written last: a folder without it is never trusted.
-        write_json(tmp / "meta.json", {"size": size, "count": len(paths), "key": final.name,
-                                       "preprocess_version": PREPROCESS_VERSION, "unreadable": len(failures)})
+        write_json(
+            tmp / "meta.json",
+            {
+                "size": size,
+                "count": len(paths),
+                "key": final.name,
+                "preprocess_version": PREPROCESS_VERSION,
+                "unreadable": len(failures),
+            },
+        )
         if final.exists():  # a folder without meta.json (half-copied, crashed) is never trusted
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -79,7 +79,9 @@ def _decode(path: str | Path) -> tuple[np.ndarray, str | None]:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageReadError(f"too large: {exc}".split(". ")[0]) from None
     except (OSError, SyntaxError, ValueError, struct.error) as exc:
-        raise ImageReadError(f"cannot decode ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise ImageReadError(
+            f"cannot decode ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        ) from None
 
 
 def _too_large(w: int, h: int) -> str:
@@ -100,7 +102,9 @@ def _conversion_note(img: Image.Image) -> str | None:
     if mode == "I":
         return "32-bit: rescaled to 8 bits by its maximum"
     if mode == "P":
-        return "palette: converted to 8-bit grayscale" + (" (transparency dropped)" if "transparency" in img.info else "")
+        return "palette: converted to 8-bit grayscale" + (
+            " (transparency dropped)" if "transparency" in img.info else ""
+        )
     if "A" in mode:
         return f"alpha channel: {mode}, alpha dropped, converted to 8-bit grayscale"
     return f"mode {mode}: converted to 8-bit grayscale"
@@ -127,7 +131,9 @@ def letterbox(gray: np.ndarray, size: int) -> np.ndarray:
     square[top : top + h, left : left + w] = gray
     if side == size:
         return square
-    resized = Image.fromarray(square).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+    resized = Image.fromarray(square).resize(
+        (size, size), Image.Resampling.BILINEAR, reducing_gap=None
+    )
     return np.asarray(resized, dtype=np.uint8)
 
 

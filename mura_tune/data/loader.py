@@ -33,7 +33,14 @@ class SplitData:
 class CachedBatches(torch.utils.data.Dataset):
     """Item ``b`` is batch ``b`` of a fixed order: ``(uint8 images (B,S,S), labels, weights, positions)``."""
 
-    def __init__(self, array_path: Path, split: SplitData, order: np.ndarray, batch_size: int, images: np.ndarray | None = None):
+    def __init__(
+        self,
+        array_path: Path,
+        split: SplitData,
+        order: np.ndarray,
+        batch_size: int,
+        images: np.ndarray | None = None,
+    ):
         self.array_path = Path(array_path)
         self.split = split
         self.order = order
@@ -55,11 +62,31 @@ class CachedBatches(torch.utils.data.Dataset):
         return images, self.split.labels[pos_t], self.split.weights[pos_t], pos_t
 
 
-def batch_loader(cache: ImageCache, split: SplitData, batch_size: int, shuffle: bool, seed: int,
-                 num_workers: int = 0, pin_memory: bool = False):
+def batch_loader(
+    cache: ImageCache,
+    split: SplitData,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+):
     """A DataLoader over whole batches of ``split`` (a new seeded order per call when shuffling)."""
-    order = np.random.default_rng(seed).permutation(len(split)) if shuffle else np.arange(len(split))
-    dataset = CachedBatches(cache.path / "images.npy", split, order, batch_size,
-                            images=cache.images if num_workers == 0 else None)
-    return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
-                                       pin_memory=pin_memory, persistent_workers=False)
+    order = (
+        np.random.default_rng(seed).permutation(len(split)) if shuffle else np.arange(len(split))
+    )
+    dataset = CachedBatches(
+        cache.path / "images.npy",
+        split,
+        order,
+        batch_size,
+        images=cache.images if num_workers == 0 else None,
+    )
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )

@@ -27,13 +27,17 @@ from mura_tune.errors import DataError
 ROOT_NAME = MURA_ROOT
 
 PATH_PATTERN = re.compile(
-    r"^MURA-v1\.1/(?P<split>train|valid)/(?P<part>XR_(?:" + "|".join(p[3:] for p in BODY_PARTS) + r"))"
+    r"^MURA-v1\.1/(?P<split>train|valid)/(?P<part>XR_(?:"
+    + "|".join(p[3:] for p in BODY_PARTS)
+    + r"))"
     r"/(?P<patient>patient\d+)/(?P<study>study\d+)_(?P<outcome>positive|negative)/image\d+\.png$"
 )
 STUDY_PATTERN = re.compile(
     r"^MURA-v1\.1/(?P<split>train|valid)/XR_[A-Z]+/patient\d+/study\d+_(?P<outcome>positive|negative)/?$"
 )
-PATTERN_TEXT = "MURA-v1.1/<split>/XR_<PART>/patient<digits>/study<k>_<positive|negative>/image<j>.png"
+PATTERN_TEXT = (
+    "MURA-v1.1/<split>/XR_<PART>/patient<digits>/study<k>_<positive|negative>/image<j>.png"
+)
 
 
 @dataclass
@@ -80,7 +84,9 @@ def _read_lines(csv: Path) -> list[tuple[int, str]]:
     try:
         text = csv.read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
-        raise DataError(f"cannot read index file {csv}: {exc.strerror or type(exc).__name__}") from None
+        raise DataError(
+            f"cannot read index file {csv}: {exc.strerror or type(exc).__name__}"
+        ) from None
     lines = []
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip().strip('"')
@@ -126,7 +132,9 @@ def read_mura(data: str | Path, strict: bool = True) -> Dataset:
             continue
         for csv in (images_csv, studies_csv):
             if not csv.exists():
-                raise DataError(f"missing index file {csv} (the release has both *_image_paths.csv and *_labeled_studies.csv)")
+                raise DataError(
+                    f"missing index file {csv} (the release has both *_image_paths.csv and *_labeled_studies.csv)"
+                )
         found_any = True
         study_labels: dict[str, int] = {}
         for number, line in _read_lines(studies_csv):
@@ -134,14 +142,26 @@ def read_mura(data: str | Path, strict: bool = True) -> Dataset:
             study, _, label_text = line.rpartition(",")
             match = STUDY_PATTERN.match(study.strip())
             if not match or label_text.strip() not in ("0", "1"):
-                problem("bad_path", where, f"line does not match '<study dir>/,<0|1>' under {PATTERN_TEXT}: {line!r}")
+                problem(
+                    "bad_path",
+                    where,
+                    f"line does not match '<study dir>/,<0|1>' under {PATTERN_TEXT}: {line!r}",
+                )
                 continue
             if match["split"] != split:
-                problem("bad_path", where, f"study of split {match['split']!r} listed in the {split} file: {study}")
+                problem(
+                    "bad_path",
+                    where,
+                    f"study of split {match['split']!r} listed in the {split} file: {study}",
+                )
                 continue
             label = int(label_text)
             if label != (match["outcome"] == "positive"):
-                problem("label_mismatch", where, f"label {label} contradicts '{match['outcome']}' in the path {study}")
+                problem(
+                    "label_mismatch",
+                    where,
+                    f"label {label} contradicts '{match['outcome']}' in the path {study}",
+                )
                 continue
             study_id = study.strip().rstrip("/")
             if study_id in study_labels:
@@ -157,7 +177,11 @@ def read_mura(data: str | Path, strict: bool = True) -> Dataset:
                 problem("bad_path", where, f"path does not match {PATTERN_TEXT}: {line!r}")
                 continue
             if match["split"] != split:
-                problem("bad_path", where, f"image of split {match['split']!r} listed in the {split} file: {line}")
+                problem(
+                    "bad_path",
+                    where,
+                    f"image of split {match['split']!r} listed in the {split} file: {line}",
+                )
                 continue
             if line in seen:
                 problem("duplicate", where, f"image listed twice: {line}")
@@ -168,11 +192,11 @@ def read_mura(data: str | Path, strict: bool = True) -> Dataset:
             if label is None:
                 problem("unlabeled_study", where, f"study not in {studies_csv.name}: {study_id}")
                 continue
-            rows.append(
-                (str(root / line), study_id, match["patient"], match["part"], label, split)
-            )
+            rows.append((str(root / line), study_id, match["patient"], match["part"], label, split))
     if not found_any:
-        raise DataError(f"no index CSVs in {index_dir} (expected train_image_paths.csv, train_labeled_studies.csv, ...)")
+        raise DataError(
+            f"no index CSVs in {index_dir} (expected train_image_paths.csv, train_labeled_studies.csv, ...)"
+        )
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     table["label"] = table["label"].astype("int8")
     if table.empty:
@@ -204,18 +228,26 @@ def read_manifest(path: str | Path) -> Dataset:
     bad_split = ~table["source_split"].isin(SOURCE_SPLITS)
     if bad_split.any():
         row = int(bad_split.to_numpy().nonzero()[0][0])
-        raise DataError(f"manifest {path} row {row + 2}: source_split must be train or valid, got {table['source_split'].iloc[row]!r}")
+        raise DataError(
+            f"manifest {path} row {row + 2}: source_split must be train or valid, got {table['source_split'].iloc[row]!r}"
+        )
     if not table["label"].isin([0, 1]).all():
         row = int((~table["label"].isin([0, 1])).to_numpy().nonzero()[0][0])
-        raise DataError(f"manifest {path} row {row + 2}: label must be 0 or 1, got {table['label'].iloc[row]!r}")
+        raise DataError(
+            f"manifest {path} row {row + 2}: label must be 0 or 1, got {table['label'].iloc[row]!r}"
+        )
     per_study = table.groupby("study_id")["label"].nunique()
     if (per_study > 1).any():
-        raise DataError(f"manifest {path}: study {per_study[per_study > 1].index[0]!r} has images with different labels")
+        raise DataError(
+            f"manifest {path}: study {per_study[per_study > 1].index[0]!r} has images with different labels"
+        )
     dup = table["image_path"].duplicated()
     if dup.any():
         raise DataError(f"manifest {path}: image listed twice: {table['image_path'][dup].iloc[0]}")
     base = path.parent.resolve()
-    table["image_path"] = [str(p if Path(p).is_absolute() else base / p) for p in table["image_path"]]
+    table["image_path"] = [
+        str(p if Path(p).is_absolute() else base / p) for p in table["image_path"]
+    ]
     for col in ("study_id", "patient_id", "body_part"):
         table[col] = table[col].astype(str)
     table["label"] = table["label"].astype("int8")

@@ -67,9 +67,13 @@ def split_report(split_table: pd.DataFrame) -> dict:
     n = studies["split"].value_counts()
     return {
         "studies": {k: int(v) for k, v in n.items()},
-        "val_fraction_of_train_studies": float(n.get("val", 0) / max(n.get("val", 0) + n.get("train", 0), 1)),
+        "val_fraction_of_train_studies": float(
+            n.get("val", 0) / max(n.get("val", 0) + n.get("train", 0), 1)
+        ),
         "patients_in_several_splits": int((patients_per_split > 1).sum()),
-        "abnormal_study_rate": {part: {k: float(v) for k, v in row.items()} for part, row in rates.iterrows()},
+        "abnormal_study_rate": {
+            part: {k: float(v) for k, v in row.items()} for part, row in rates.iterrows()
+        },
     }
 
 
@@ -98,5 +102,7 @@ def load_split(path: str | Path) -> pd.DataFrame:
         raise DataError(f"split manifest {path} lacks columns {missing}")
     bad = ~table["split"].isin(["train", "val", "test"])
     if bad.any():
-        raise DataError(f"split manifest {path}: split must be train, val or test, got {table['split'][bad].iloc[0]!r}")
+        raise DataError(
+            f"split manifest {path}: split must be train, val or test, got {table['split'][bad].iloc[0]!r}"
+        )
     return table

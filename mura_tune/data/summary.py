@@ -35,8 +35,14 @@ def check_images(
     chunk = max(1, min(256, len(paths) // (workers * 8) or 1))
     with ProcessPoolExecutor(workers) as pool:
         results = pool.map(inspect_image, paths, chunksize=chunk)
-        bar = tqdm(zip(paths, results), total=len(paths), desc="checking images", unit="img", file=sys.stderr,
-                   disable=not progress or not sys.stderr.isatty())
+        bar = tqdm(
+            zip(paths, results),
+            total=len(paths),
+            desc="checking images",
+            unit="img",
+            file=sys.stderr,
+            disable=not progress or not sys.stderr.isatty(),
+        )
         for path, (reason, note) in bar:
             if reason is not None:
                 bad[path] = reason
@@ -58,7 +64,9 @@ def summarize(dataset: Dataset, check: bool = True, progress: bool = True) -> di
     if check and len(table):
         bad, converted = check_images(table["image_path"].tolist(), progress=progress)
         for path, reason in bad.items():
-            problems.append(Problem("missing" if reason == "file not found" else "unreadable", path, reason))
+            problems.append(
+                Problem("missing" if reason == "file not found" else "unreadable", path, reason)
+            )
         notes = [Problem("converted", path, note) for path, note in converted.items()]
 
     groups = []
@@ -112,7 +120,9 @@ def _listing(items: list[Problem], key) -> dict:
     return {
         "count": len(items),
         "by_kind": by_kind,
-        "shown": [{"kind": p.kind, "path": p.path, "detail": p.detail} for p in items[:SHOW_PROBLEMS]],
+        "shown": [
+            {"kind": p.kind, "path": p.path, "detail": p.detail} for p in items[:SHOW_PROBLEMS]
+        ],
     }
 
 
@@ -121,8 +131,24 @@ def format_summary(summary: dict) -> str:
     lines = [f"dataset: {summary['root']} ({summary['source']})", ""]
     frame = pd.DataFrame(summary["by_part"])
     if not frame.empty:
-        frame = frame[["source_split", "body_part", "images", "studies", "patients", "abnormal_rate_images", "abnormal_rate_studies"]]
-        frame = frame.rename(columns={"source_split": "split", "abnormal_rate_images": "abn% img", "abnormal_rate_studies": "abn% study"})
+        frame = frame[
+            [
+                "source_split",
+                "body_part",
+                "images",
+                "studies",
+                "patients",
+                "abnormal_rate_images",
+                "abnormal_rate_studies",
+            ]
+        ]
+        frame = frame.rename(
+            columns={
+                "source_split": "split",
+                "abnormal_rate_images": "abn% img",
+                "abnormal_rate_studies": "abn% study",
+            }
+        )
         for col in ("abn% img", "abn% study"):
             frame[col] = (100 * frame[col]).round(1)
         lines.append(frame.to_string(index=False))
@@ -133,7 +159,9 @@ def format_summary(summary: dict) -> str:
             f"abnormal {100 * t['abnormal_rate_images']:.1f}% of images / {100 * t['abnormal_rate_studies']:.1f}% of studies"
         )
     multi = ", ".join(f"{k} {v:,}" for k, v in summary["patients_in_several_body_parts"].items())
-    lines.append(f"patients with several body parts: {multi}; patients in both splits: {summary['patients_in_both_splits']}")
+    lines.append(
+        f"patients with several body parts: {multi}; patients in both splits: {summary['patients_in_both_splits']}"
+    )
     prob = summary["problems"]
     if prob["count"]:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(prob["by_kind"].items()))
@@ -147,7 +175,9 @@ def format_summary(summary: dict) -> str:
     notes = summary.get("notes", {})
     if notes.get("count"):
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(notes["by_kind"].items()))
-        lines.append(f"notes: {notes['count']} usable image(s) converted to 8-bit grayscale ({kinds})")
+        lines.append(
+            f"notes: {notes['count']} usable image(s) converted to 8-bit grayscale ({kinds})"
+        )
         for p in notes["shown"]:
             lines.append(f"  converted: {p['path']}: {p['detail']}")
         if notes["count"] > len(notes["shown"]):

@@ -156,7 +156,11 @@ def _check_finished(exp: Path) -> None:
     if not path.is_file():
         return  # read_candidates names the missing file
     board = pd.read_parquet(path)
-    if "status" not in board.columns or len(board) == 0 or (board["status"] != TrialStatus.ERROR).any():
+    if (
+        "status" not in board.columns
+        or len(board) == 0
+        or (board["status"] != TrialStatus.ERROR).any()
+    ):
         return
     first = board.iloc[0]
     reason = first.get("reason")

@@ -74,7 +74,9 @@ def read_candidates(experiment: Path) -> tuple[list[Candidate], list[dict]]:
     return candidates, skipped
 
 
-def load_study_probs(candidates: list[Candidate], split: str, only: set[int] | None = None) -> StudyProbs:
+def load_study_probs(
+    candidates: list[Candidate], split: str, only: set[int] | None = None
+) -> StudyProbs:
     """Load one split's study-level probabilities (Parquet row filter: other splits are never read).
 
     Args:

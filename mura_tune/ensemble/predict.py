@@ -193,7 +193,9 @@ def scan_study_folders(root: Path) -> pd.DataFrame:
 
 # ------------------------------------------------------------------------------- inference
 def _route_of(parts: pd.Series, routes: dict) -> np.ndarray:
-    return np.array([p if p in routes and p != GENERALIST_ENSEMBLE else GENERALIST_ENSEMBLE for p in parts])
+    return np.array(
+        [p if p in routes and p != GENERALIST_ENSEMBLE else GENERALIST_ENSEMBLE for p in parts]
+    )
 
 
 def image_probabilities(
@@ -250,7 +252,9 @@ def _image_probabilities(table, members, route, engine, batch_size, progress):
                 use = np.isin(route[idx_arr], list(m.routes))
                 if not use.any():
                     continue
-                logits = engine.logits(m.net, x[engine.to_device(torch.from_numpy(use))], m.tta_flip)
+                logits = engine.logits(
+                    m.net, x[engine.to_device(torch.from_numpy(use))], m.tta_flip
+                )
                 probs[m.checkpoint][idx_arr[use]] = torch.sigmoid(logits).cpu().numpy()
     bar.close()
     return probs, skipped

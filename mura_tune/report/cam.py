@@ -77,7 +77,9 @@ def _read_gray(path: str | Path) -> np.ndarray:
         raise DataError(f"cannot read image {path}: {exc}") from None
 
 
-def model_input(path: str | Path, config: TrainConfig, engine: Engine | None = None) -> torch.Tensor:
+def model_input(
+    path: str | Path, config: TrainConfig, engine: Engine | None = None
+) -> torch.Tensor:
     """The exact network input for one image: ``(1, 3, S, S)`` (letterboxed, ImageNet-normalised).
 
     Uses :func:`mura_tune.data.images.preprocess` and :meth:`Engine.inputs`, the same
@@ -93,7 +95,9 @@ def model_input(path: str | Path, config: TrainConfig, engine: Engine | None = N
     return (engine or Engine("cpu")).inputs(torch.from_numpy(np.array(pixels)).unsqueeze(0))
 
 
-def probability(net: MuraNet, x: torch.Tensor, tta_flip: bool = False, engine: Engine | None = None) -> float:
+def probability(
+    net: MuraNet, x: torch.Tensor, tta_flip: bool = False, engine: Engine | None = None
+) -> float:
     """The model's abnormal probability for one input (with flip TTA if the run used it)."""
     with torch.inference_mode():
         logit = (engine or Engine(x.device)).logits(net, x, tta_flip)
@@ -206,5 +210,7 @@ def cam_command(
         log.info(f"{src}: p(abnormal) = {prob:.3f}")
     if study is not None:
         verdict = "abnormal" if np.mean(probs) > 0.5 else "normal"
-        log.info(f"study {study}: mean p(abnormal) = {np.mean(probs):.3f} over {len(probs)} view(s) -> {verdict}")
+        log.info(
+            f"study {study}: mean p(abnormal) = {np.mean(probs):.3f} over {len(probs)} view(s) -> {verdict}"
+        )
     return written

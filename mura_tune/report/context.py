@@ -40,7 +40,9 @@ class Context:
     written: list[Path] = field(default_factory=list)
 
 
-def load_context(experiment: str | Path, ensemble: str | Path | None, out: str | Path | None) -> Context:
+def load_context(
+    experiment: str | Path, ensemble: str | Path | None, out: str | Path | None
+) -> Context:
     exp = Path(experiment).expanduser().resolve()
     if not exp.is_dir():
         raise ExperimentError(f"--experiment {exp}: folder not found")

@@ -176,9 +176,7 @@ def importance(ctx: Context) -> str:
     study = optuna.load_study(study_name=name, storage=storage)
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if len(complete) < 2:
-        return note(
-            f"study {name}: {len(complete)} complete trial(s); importance needs at least 2"
-        )
+        return note(f"study {name}: {len(complete)} complete trial(s); importance needs at least 2")
     try:
         importance = optuna.importance.get_param_importances(
             study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)

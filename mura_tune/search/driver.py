@@ -70,7 +70,6 @@ def init_ray(address: str | None):
         ) from None
 
 
-
 def _run_scope(plan: SearchPlan, scope: str, resume: bool, stop, callbacks, verbose: int):
     from ray import tune
 
@@ -82,10 +81,14 @@ def _run_scope(plan: SearchPlan, scope: str, resume: bool, stop, callbacks, verb
             str(ray_dir), trainable=trainable, resume_unfinished=True, resume_errored=False
         )
         return tuner.fit()
-    return build_tuner(plan, scope, trainable, stop=stop, callbacks=callbacks, verbose=verbose).fit()
+    return build_tuner(
+        plan, scope, trainable, stop=stop, callbacks=callbacks, verbose=verbose
+    ).fit()
 
 
-def build_tuner(plan: SearchPlan, scope: str, trainable=None, stop=None, callbacks=(), verbose: int = 1):
+def build_tuner(
+    plan: SearchPlan, scope: str, trainable=None, stop=None, callbacks=(), verbose: int = 1
+):
     """The ``tune.Tuner`` of one scope (``plan.time_budget_s`` is Ray's ``TuneConfig(time_budget_s=...)``).
 
     Args:
@@ -141,14 +144,15 @@ def _report_params(space, plan) -> list[str]:
     return sorted(space.dimensions())[:4]
 
 
-
 @dataclass
 class SearchResult:
     """How a search ended: its leaderboard (None if no trial started) and whether it finished."""
 
     plan: SearchPlan
     leaderboard: pd.DataFrame | None
-    interrupted: bool = False  # Ctrl-C, SIGTERM or a driver stopped early: resume with plan.resume_command()
+    interrupted: bool = (
+        False  # Ctrl-C, SIGTERM or a driver stopped early: resume with plan.resume_command()
+    )
     budget_reached: bool = False  # plan.time_budget_s ran out before every planned trial ended
     note: str | None = None  # why there is no leaderboard
 
@@ -190,7 +194,9 @@ def run_search(
             )
         prepare_experiment(plan)
         plan.save()
-    log.info(f"experiment {plan.exp_dir} ({', '.join(f'{s}: {n} trials' for s, n in plan.scopes.items())})")
+    log.info(
+        f"experiment {plan.exp_dir} ({', '.join(f'{s}: {n} trials' for s, n in plan.scopes.items())})"
+    )
     init_ray(plan.address)
     interrupted = budget_reached = False
     previous_term = _forward_sigterm()

@@ -106,7 +106,9 @@ def _status(
     if final == TrialStatus.DIVERGED:
         return TrialStatus.ERROR, reason
     if ray_state is not None and ray_state["status"] == TrialStatus.ERROR:
-        return TrialStatus.ERROR, reason or _ray_error_line(ray_state) or "trial failed (see Ray's error.txt)"
+        return TrialStatus.ERROR, reason or _ray_error_line(
+            ray_state
+        ) or "trial failed (see Ray's error.txt)"
     if final in RUN_ENDED:
         return TrialStatus.COMPLETED, None
     if ray_state is None:
@@ -184,7 +186,9 @@ def build_leaderboard(exp_dir: str | Path, write: bool = True) -> pd.DataFrame:
         for key, value in meta["params"].items():
             row[f"hp_{key}"] = value
         row["checkpoint_path"] = str(best_pt) if best_pt.exists() and not failed else None
-        row["predictions_path"] = str(preds_path) if predictions is not None and not failed else None
+        row["predictions_path"] = (
+            str(preds_path) if predictions is not None and not failed else None
+        )
         row["wall_seconds"] = _float(
             (summary or {}).get(
                 "wall_seconds",
@@ -236,7 +240,9 @@ def kappa_intervals(predictions: pd.DataFrame) -> dict[str, float]:
         low = high = math.nan
         if len(rows):
             studies = study_table(rows)
-            ci = bootstrap_intervals(studies["label"], studies["prob"], n_boot=1000, seed=0, auc=False)
+            ci = bootstrap_intervals(
+                studies["label"], studies["prob"], n_boot=1000, seed=0, auc=False
+            )
             low, high = ci["kappa"]
         out[f"{split}_kappa_study_ci_low"], out[f"{split}_kappa_study_ci_high"] = low, high
     return out
@@ -288,17 +294,28 @@ def format_leaderboard(board: pd.DataFrame, top: int = 10) -> str:
     view.columns = [c.removeprefix("hp_") for c in view.columns]
     counts = board["status"].value_counts().to_dict()
     head = f"leaderboard: {len(board)} trials ({', '.join(f'{k} {v}' for k, v in counts.items())}); test is shown, never used for ranking"
-    return head + "\n" + view.to_string(index=False, float_format=lambda v: f"{v:.3f}") + _best_line(board)
+    return (
+        head
+        + "\n"
+        + view.to_string(index=False, float_format=lambda v: f"{v:.3f}")
+        + _best_line(board)
+    )
 
 
 def _best_line(board: pd.DataFrame) -> str:
     """The top trial's val and test study kappa with their bootstrap intervals (empty if not available)."""
-    if board.empty or "val_kappa_study_ci_low" not in board or not np.isfinite(board[METRIC].iloc[0]):
+    if (
+        board.empty
+        or "val_kappa_study_ci_low" not in board
+        or not np.isfinite(board[METRIC].iloc[0])
+    ):
         return ""
     best = board.iloc[0]
 
     def ci(split: str) -> str:
-        value, low, high = (best.get(f"{split}_kappa_study{s}", math.nan) for s in ("", "_ci_low", "_ci_high"))
+        value, low, high = (
+            best.get(f"{split}_kappa_study{s}", math.nan) for s in ("", "_ci_low", "_ci_high")
+        )
         return f"{split} study kappa {value:.3f} [{low:.3f}, {high:.3f}]"
 
     return (

@@ -122,7 +122,9 @@ class SearchPlan:
     # --- resolved ---------------------------------------------------------------------------------
     exp_dir: str = field(init=False, default="")
     fixed: dict[str, Any] = field(init=False, default_factory=dict)
-    scopes: dict[str, int] = field(init=False, default_factory=dict)  # GENERALIST_SCOPE or a part -> trials
+    scopes: dict[str, int] = field(
+        init=False, default_factory=dict
+    )  # GENERALIST_SCOPE or a part -> trials
     split_path: str = field(init=False, default="")
     created: float = field(init=False, default=0.0)
 
@@ -155,7 +157,13 @@ class SearchPlan:
             self.gpus_per_trial = 1.0 if cuda else 0.0
         if self.cpus_per_trial is None:
             self.cpus_per_trial = 4.0 if self.gpus_per_trial else float(os.cpu_count() or 1)
-        fixed = {**space.fixed, **preset, "max_epochs": self.max_epochs, "seed": self.seed, **self.overrides}
+        fixed = {
+            **space.fixed,
+            **preset,
+            "max_epochs": self.max_epochs,
+            "seed": self.seed,
+            **self.overrides,
+        }
         if self.body_part:
             _check(
                 self.body_part in BODY_PARTS,
@@ -164,7 +172,8 @@ class SearchPlan:
             _check(not self.specialists, "--body-part and --specialists exclude each other")
             fixed["body_part"] = self.body_part
         TrainConfig.from_dict(
-            {k: v for k, v in fixed.items() if k in TrainConfig.__dataclass_fields__}, source="--set/preset"
+            {k: v for k, v in fixed.items() if k in TrainConfig.__dataclass_fields__},
+            source="--set/preset",
         )
         unknown = [k for k in fixed if k not in TrainConfig.__dataclass_fields__]
         _check(not unknown, f"--set {unknown[0] if unknown else ''}: not a config field")
@@ -207,7 +216,9 @@ class SearchPlan:
             if f.name in values:
                 setattr(plan, f.name, values[f.name])
             else:  # a field newer than the file
-                setattr(plan, f.name, f.default_factory() if callable(f.default_factory) else f.default)
+                setattr(
+                    plan, f.name, f.default_factory() if callable(f.default_factory) else f.default
+                )
         if "results" not in values and values.get("exp_dir"):
             plan.results = str(Path(values["exp_dir"]).parent)
         return plan
@@ -220,7 +231,9 @@ class SearchPlan:
         return cls.from_dict(json.loads(path.read_text()))
 
     @classmethod
-    def for_resume(cls, results: str, name: str | None, space: str, address: str | None = None) -> SearchPlan:
+    def for_resume(
+        cls, results: str, name: str | None, space: str, address: str | None = None
+    ) -> SearchPlan:
         """The saved plan of experiment ``name``, to continue it (``--resume``).
 
         Raises:

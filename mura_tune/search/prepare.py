@@ -37,8 +37,12 @@ def prepare_experiment(plan: SearchPlan) -> None:
                 f"{len(cache.unreadable)} unreadable image(s), e.g. {first['image_path']}: {first['reason']} "
                 f"(--strict; list in {exp.skipped})"
             )
-        log.warning("%d unreadable image(s) will be skipped; list in %s", len(cache.unreadable), exp.skipped)
-    prepare_weights(plan, table, {"seed": plan.seed, "val_fraction": plan.val_fraction, "path": plan.split_path})
+        log.warning(
+            "%d unreadable image(s) will be skipped; list in %s", len(cache.unreadable), exp.skipped
+        )
+    prepare_weights(
+        plan, table, {"seed": plan.seed, "val_fraction": plan.val_fraction, "path": plan.split_path}
+    )
 
 
 def prepare_weights(plan: SearchPlan, table, split_info: dict) -> None:

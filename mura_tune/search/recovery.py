@@ -78,9 +78,7 @@ def recover_scope(plan: SearchPlan, scope: str) -> tuple[list[str], int]:
         if told is not None and not told.state.is_finished() and (failed or final in RUN_ENDED):
             optuna_id = storage.get_trial_id_from_study_id_trial_number(study_id, told.number)
             values = (
-                []
-                if failed
-                else pd.read_parquet(trial.metrics)[[STEP, METRIC]].dropna().values
+                [] if failed else pd.read_parquet(trial.metrics)[[STEP, METRIC]].dropna().values
             )
             # As the searcher would have: every epoch, then the last one as the result.
             for epoch, value in values:

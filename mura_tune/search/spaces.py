@@ -59,7 +59,9 @@ class SearchSpace:
         args = self.presets.get(preset or "", {}).get("space_args")
         return functools.partial(self.sample, **args) if args else self.sample
 
-    def dimensions(self, n_samples: int = 64, seed: int = 0) -> dict[str, optuna.distributions.BaseDistribution]:
+    def dimensions(
+        self, n_samples: int = 64, seed: int = 0
+    ) -> dict[str, optuna.distributions.BaseDistribution]:
         """Every dimension the space can sample (conditional ones included), found by sampling."""
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
@@ -76,15 +78,28 @@ _REGISTRY: dict[str, SearchSpace] = {}
 _LOADED_BUILTINS = False
 
 
-def register_space(name: str, space: dict | None = None, *, fixed: dict | None = None, presets: dict | None = None,
-                   aux: tuple[str, ...] = (), description: str = ""):
+def register_space(
+    name: str,
+    space: dict | None = None,
+    *,
+    fixed: dict | None = None,
+    presets: dict | None = None,
+    aux: tuple[str, ...] = (),
+    description: str = "",
+):
     """Register a space. Use as a decorator on a define-by-run function, or pass a dict of distributions."""
 
     def add(fn: Callable) -> Callable:
         module = sys.modules.get(fn.__module__)
-        _REGISTRY[name] = SearchSpace(name, fn, dict(fixed or {}), dict(presets or {}), tuple(aux),
-                                      description or (fn.__doc__ or "").strip().split("\n")[0],
-                                      getattr(module, "__file__", "") or "")
+        _REGISTRY[name] = SearchSpace(
+            name,
+            fn,
+            dict(fixed or {}),
+            dict(presets or {}),
+            tuple(aux),
+            description or (fn.__doc__ or "").strip().split("\n")[0],
+            getattr(module, "__file__", "") or "",
+        )
         return fn
 
     if space is not None:
@@ -99,7 +114,9 @@ def _dict_space(space: dict, name: str) -> Callable:
 
     for key, dist in space.items():
         if not isinstance(dist, (FloatDistribution, IntDistribution, CategoricalDistribution)):
-            raise ConfigError(f"space {name}: {key} must be an Optuna distribution, got {type(dist).__name__}")
+            raise ConfigError(
+                f"space {name}: {key} must be an Optuna distribution, got {type(dist).__name__}"
+            )
 
     def sample(trial: optuna.Trial) -> None:
         for key, dist in space.items():
@@ -150,10 +167,14 @@ def load_space_file(path: str | Path) -> SearchSpace:
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
-        raise ConfigError(f"--space {path}: importing it failed: {type(exc).__name__}: {exc}") from None
+        raise ConfigError(
+            f"--space {path}: importing it failed: {type(exc).__name__}: {exc}"
+        ) from None
     added = [n for n in _REGISTRY if n not in before or _REGISTRY[n].source == str(path)]
     if len(added) != 1:
-        raise ConfigError(f"--space {path}: the file must call register_space exactly once, it registered {len(added)}")
+        raise ConfigError(
+            f"--space {path}: the file must call register_space exactly once, it registered {len(added)}"
+        )
     return _REGISTRY[added[0]]
 
 
@@ -180,7 +201,9 @@ def split_params(space: SearchSpace, params: dict[str, Any]) -> dict[str, Any]:
     fields = set(TrainConfig.__dataclass_fields__)
     unknown = [k for k in params if k not in fields and k not in space.aux]
     if unknown:
-        raise ConfigError(f"space {space.name}: {unknown[0]!r} is neither a config field nor declared in aux")
+        raise ConfigError(
+            f"space {space.name}: {unknown[0]!r} is neither a config field nor declared in aux"
+        )
     return {k: v for k, v in params.items() if k in fields}
 
 
@@ -197,7 +220,9 @@ def describe_spaces() -> str:
         for preset, values in sorted(space.presets.items()):
             lines.append(f"    preset {preset}: {values}")
         lines.append("")
-    lines.append("Add one: a file calling mura_tune.search.spaces.register_space, passed as --space path/to/file.py")
+    lines.append(
+        "Add one: a file calling mura_tune.search.spaces.register_space, passed as --space path/to/file.py"
+    )
     return "\n".join(lines)
 
 
@@ -206,5 +231,15 @@ def _format_dist(dist) -> str:
 
     if isinstance(dist, CategoricalDistribution):
         return "{" + ", ".join(map(str, dist.choices)) + "}"
-    kind = "int" if isinstance(dist.low, int) and not isinstance(dist.low, bool) and type(dist).__name__ == "IntDistribution" else "float"
-    return f"{kind} [{dist.low}, {dist.high}]" + (" log" if dist.log else "") + (f" step {dist.step}" if dist.step else "")
+    kind = (
+        "int"
+        if isinstance(dist.low, int)
+        and not isinstance(dist.low, bool)
+        and type(dist).__name__ == "IntDistribution"
+        else "float"
+    )
+    return (
+        f"{kind} [{dist.low}, {dist.high}]"
+        + (" log" if dist.log else "")
+        + (f" step {dist.step}" if dist.step else "")
+    )

@@ -192,8 +192,6 @@ def trial_dirname(trial) -> str:
     return ray_trial_dirname(trial.trial_id)
 
 
-
-
 def trainable_for(plan: SearchPlan, scope: str):
     """The Ray trainable of one scope: :func:`mura_trial` with its context, and its resources."""
     from ray import tune
@@ -235,6 +233,8 @@ def mura_trial(params: dict, ctx: dict) -> None:
             **ctx,
             "fixed": {**ctx["fixed"], "pretrained": source},
             # A built body-part file is named as such; imagenet/none are labelled where they load.
-            "weights_source": None if source in ("imagenet", "none") else f"bodypart:{Path(source).name}",
+            "weights_source": None
+            if source in ("imagenet", "none")
+            else f"bodypart:{Path(source).name}",
         }
     trial_main(params, ctx)

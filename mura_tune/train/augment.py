@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from mura_tune.constants import IMAGENET_MEAN, IMAGENET_STD
 
 
-def augment(x: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def augment(
+    x: torch.Tensor, strength: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Randomly transform a batch ``(B, 1, S, S)`` of floats in [0, 1]."""
     if strength <= 0:
         return x

@@ -17,10 +17,20 @@ from mura_tune.train.config import TrainConfig
 from mura_tune.train.models import MuraNet, build_model
 
 
-def save_checkpoint(path: str | Path, net: torch.nn.Module, config: TrainConfig, epoch: int, metric: dict) -> Path:
+def save_checkpoint(
+    path: str | Path, net: torch.nn.Module, config: TrainConfig, epoch: int, metric: dict
+) -> Path:
     """Write ``best.pt`` atomically: the model's state dict, its config, the epoch and the metric it was chosen by."""
     with atomic_path(path, suffix=".pt") as tmp:
-        torch.save({"state_dict": net.state_dict(), "config": config.to_dict(), "epoch": epoch, "metric": metric}, tmp)
+        torch.save(
+            {
+                "state_dict": net.state_dict(),
+                "config": config.to_dict(),
+                "epoch": epoch,
+                "metric": metric,
+            },
+            tmp,
+        )
     return Path(path)
 
 
@@ -32,8 +42,10 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[MuraNet, Tra
     try:
         blob = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError:
-        raise DataError(f"refusing checkpoint {path}: it holds pickled objects other than tensors "
-                        "(checkpoints are loaded with weights_only=True)") from None
+        raise DataError(
+            f"refusing checkpoint {path}: it holds pickled objects other than tensors "
+            "(checkpoints are loaded with weights_only=True)"
+        ) from None
     except Exception as exc:
         raise DataError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from None
     config = TrainConfig.from_dict({**blob["config"], "pretrained": "none"}, source=str(path))

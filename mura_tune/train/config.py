@@ -22,7 +22,15 @@ from mura_tune.errors import ConfigError
 from mura_tune.io import write_json, write_yaml
 
 CUSTOM_CNN = "custom_cnn"
-TIMM_BACKBONES = ("densenet121", "densenet169", "densenet201", "resnet18", "resnet34", "resnet50", "efficientnet_b0")
+TIMM_BACKBONES = (
+    "densenet121",
+    "densenet169",
+    "densenet201",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "efficientnet_b0",
+)
 MODELS = (CUSTOM_CNN, *TIMM_BACKBONES)
 GLOBAL_POOLS = ("avg", "max", "avgmax")
 
@@ -39,14 +47,22 @@ class TrainConfig:
     spatial_dropout: float = 0.0  # custom_cnn: Dropout2d rate after each cell (0 = off)
     global_pool: str = "max"  # avg | max | avgmax: how the last feature map becomes one vector (max finds small findings)
     dropout: float = 0.2  # dropout before the final logit
-    head_widths: list[int] = field(default_factory=list)  # hidden widths of an MLP head (e.g. [512, 512])
+    head_widths: list[int] = field(
+        default_factory=list
+    )  # hidden widths of an MLP head (e.g. [512, 512])
     head_dropout: float = 0.0  # dropout after each hidden head layer
     pretrained: str = "none"  # none | imagenet | auto (ImageNet if available, else none) | bodypart | path/to/weights.safetensors|.pth
-    unfreeze_blocks: int | str = "all"  # backbone: train only the last K blocks (0 = head only) or "all"
+    unfreeze_blocks: int | str = (
+        "all"  # backbone: train only the last K blocks (0 = head only) or "all"
+    )
     # --- data ----------------------------------------------------------------------------
     image_size: int = 64  # side of the letterboxed square input (the MURA paper used 320)
-    body_part: str | None = None  # train/validate a specialist on one part (e.g. XR_WRIST); None = all
-    aug_strength: float = 0.2  # 0 = no augmentation; scales rotation (±30°·s), zoom, shift, brightness/contrast
+    body_part: str | None = (
+        None  # train/validate a specialist on one part (e.g. XR_WRIST); None = all
+    )
+    aug_strength: float = (
+        0.2  # 0 = no augmentation; scales rotation (±30°·s), zoom, shift, brightness/contrast
+    )
     tta_flip: bool = False  # average the prediction with its horizontal flip at evaluation
     # --- optimisation --------------------------------------------------------------------
     optimizer: str = "adam"  # adam | adamw
@@ -58,7 +74,9 @@ class TrainConfig:
     lr_factor: float = 0.2  # ReduceLROnPlateau factor on val loss
     lr_patience: int = 2  # ReduceLROnPlateau patience (epochs)
     early_stop_patience: int = 5  # stop after this many epochs without improving select_metric
-    select_metric: str = METRIC  # metric that picks the best checkpoint (maximised; *_loss minimised)
+    select_metric: str = (
+        METRIC  # metric that picks the best checkpoint (maximised; *_loss minimised)
+    )
     seed: int = 0  # seeds weights, shuffling and augmentation
     num_workers: int = 0  # data-loading worker processes (0 = in the training process)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -67,36 +85,79 @@ class TrainConfig:
     # ---------------------------------------------------------------------------------------
     def validate(self) -> TrainConfig:
         """Check every field; raise ConfigError naming the rule and the value."""
+
         def rule(ok: bool, text: str) -> None:
             if not ok:
                 raise ConfigError(text)
 
         for name, kind in _TYPES.items():  # types first: the range rules below compare values
             value = getattr(self, name)
-            rule(_has_type(value, kind), f"{name} must be {_KIND_TEXT.get(kind, kind)}, got {value!r}")
-        rule(self.model in MODELS, f"model must be one of {', '.join(MODELS)}, got {self.model!r}" + _closest(self.model, MODELS))
-        for name in ("depth", "base_filters", "max_filters", "convs_per_cell", "image_size", "batch_size", "max_epochs"):
+            rule(
+                _has_type(value, kind),
+                f"{name} must be {_KIND_TEXT.get(kind, kind)}, got {value!r}",
+            )
+        rule(
+            self.model in MODELS,
+            f"model must be one of {', '.join(MODELS)}, got {self.model!r}"
+            + _closest(self.model, MODELS),
+        )
+        for name in (
+            "depth",
+            "base_filters",
+            "max_filters",
+            "convs_per_cell",
+            "image_size",
+            "batch_size",
+            "max_epochs",
+        ):
             value = getattr(self, name)
-            rule(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
+            rule(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                f"{name} must be an integer >= 1, got {value!r}",
+            )
         rule(self.depth <= 8, f"depth must be <= 8, got {self.depth}")
-        rule(self.image_size >= (8 if self.model == CUSTOM_CNN else 32),
-             f"image_size must be >= {8 if self.model == CUSTOM_CNN else 32} for {self.model}, got {self.image_size}")
+        rule(
+            self.image_size >= (8 if self.model == CUSTOM_CNN else 32),
+            f"image_size must be >= {8 if self.model == CUSTOM_CNN else 32} for {self.model}, got {self.image_size}",
+        )
         for name in ("dropout", "head_dropout", "spatial_dropout"):
             value = getattr(self, name)
             rule(0.0 <= value < 1.0, f"{name} must be in [0, 1), got {value}")
-        rule(0.0 <= self.aug_strength <= 1.0, f"aug_strength must be in [0, 1], got {self.aug_strength}")
+        rule(
+            0.0 <= self.aug_strength <= 1.0,
+            f"aug_strength must be in [0, 1], got {self.aug_strength}",
+        )
         rule(self.lr > 0, f"lr must be > 0, got {self.lr}")
         rule(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         rule(0 < self.lr_factor < 1, f"lr_factor must be in (0, 1), got {self.lr_factor}")
-        rule(self.global_pool in GLOBAL_POOLS, f"global_pool must be one of {', '.join(GLOBAL_POOLS)}, got {self.global_pool!r}")
-        rule(self.optimizer in ("adam", "adamw"), f"optimizer must be adam or adamw, got {self.optimizer!r}")
-        rule(all(isinstance(w, int) and w >= 1 for w in self.head_widths), f"head_widths must be positive integers, got {self.head_widths}")
+        rule(
+            self.global_pool in GLOBAL_POOLS,
+            f"global_pool must be one of {', '.join(GLOBAL_POOLS)}, got {self.global_pool!r}",
+        )
+        rule(
+            self.optimizer in ("adam", "adamw"),
+            f"optimizer must be adam or adamw, got {self.optimizer!r}",
+        )
+        rule(
+            all(isinstance(w, int) and w >= 1 for w in self.head_widths),
+            f"head_widths must be positive integers, got {self.head_widths}",
+        )
         ub = self.unfreeze_blocks
-        rule(ub == "all" or (isinstance(ub, int) and not isinstance(ub, bool) and ub >= 0),
-             f"unfreeze_blocks must be 'all' or an integer >= 0, got {ub!r}")
-        rule(self.body_part is None or self.body_part in BODY_PARTS or not self.body_part.startswith("XR_"),
-             f"body_part must be one of {', '.join(BODY_PARTS)}, got {self.body_part!r}" + _closest(str(self.body_part), BODY_PARTS))
-        rule(self.lr_patience >= 0 and self.early_stop_patience >= 1, "lr_patience must be >= 0 and early_stop_patience >= 1")
+        rule(
+            ub == "all" or (isinstance(ub, int) and not isinstance(ub, bool) and ub >= 0),
+            f"unfreeze_blocks must be 'all' or an integer >= 0, got {ub!r}",
+        )
+        rule(
+            self.body_part is None
+            or self.body_part in BODY_PARTS
+            or not self.body_part.startswith("XR_"),
+            f"body_part must be one of {', '.join(BODY_PARTS)}, got {self.body_part!r}"
+            + _closest(str(self.body_part), BODY_PARTS),
+        )
+        rule(
+            self.lr_patience >= 0 and self.early_stop_patience >= 1,
+            "lr_patience must be >= 0 and early_stop_patience >= 1",
+        )
         rule(self.num_workers >= 0 and self.threads >= 0, "num_workers and threads must be >= 0")
         return self
 
@@ -126,16 +187,26 @@ class TrainConfig:
         if not path.exists():
             raise ConfigError(f"--config {path}: file not found")
         try:
-            values = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+            values = (
+                json.loads(path.read_text())
+                if path.suffix == ".json"
+                else yaml.safe_load(path.read_text())
+            )
         except (yaml.YAMLError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"--config {path}: not valid YAML/JSON ({str(exc).splitlines()[0]})") from None
+            raise ConfigError(
+                f"--config {path}: not valid YAML/JSON ({str(exc).splitlines()[0]})"
+            ) from None
         if not isinstance(values, dict):
             raise ConfigError(f"--config {path}: expected a mapping of field: value")
         return cls.from_dict(values, source=str(path))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        return write_json(path, self.to_dict()) if path.suffix == ".json" else write_yaml(path, self.to_dict())
+        return (
+            write_json(path, self.to_dict())
+            if path.suffix == ".json"
+            else write_yaml(path, self.to_dict())
+        )
 
     def updated(self, overrides: dict[str, Any], source: str = "--set") -> TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **overrides}, source=source)
@@ -156,8 +227,15 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
 
 
 _TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-_KIND_TEXT = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-              "str | None": "a string or null", "list[int]": "a list of integers", "int | str": "an integer or a string"}
+_KIND_TEXT = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "str": "a string",
+    "str | None": "a string or null",
+    "list[int]": "a list of integers",
+    "int | str": "an integer or a string",
+}
 
 
 def _has_type(value: Any, kind: str) -> bool:
@@ -174,7 +252,9 @@ def _has_type(value: Any, kind: str) -> bool:
     if kind == "str | None":
         return value is None or isinstance(value, str)
     if kind == "list[int]":
-        return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        return isinstance(value, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        )
     if kind == "int | str":
         return is_int or isinstance(value, str)
     return True

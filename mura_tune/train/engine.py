@@ -52,7 +52,9 @@ class Engine:
         normalize: the input normalisation (default: ImageNet statistics, 3 channels).
     """
 
-    def __init__(self, device: str | torch.device = "auto", normalize: torch.nn.Module | None = None):
+    def __init__(
+        self, device: str | torch.device = "auto", normalize: torch.nn.Module | None = None
+    ):
         self.device = resolve_device(device)
         self.cuda = self.device.type == "cuda"
         self.amp = self.cuda  # float16 autocast + GradScaler

@@ -29,8 +29,16 @@ from mura_tune.train.weights import load_backbone_state
 class CustomCNN(nn.Module):
     """Stacked conv cells with doubling filters (the reports' hand-searched architecture)."""
 
-    def __init__(self, depth: int, base_filters: int, max_filters: int, convs_per_cell: int,
-                 batch_norm: bool, spatial_dropout: float, in_chans: int = 3):
+    def __init__(
+        self,
+        depth: int,
+        base_filters: int,
+        max_filters: int,
+        convs_per_cell: int,
+        batch_norm: bool,
+        spatial_dropout: float,
+        in_chans: int = 3,
+    ):
         super().__init__()
         cells = []
         channels = in_chans
@@ -57,8 +65,15 @@ class CustomCNN(nn.Module):
 class MuraNet(nn.Module):
     """Backbone → global pool → MLP head → one logit (abnormal)."""
 
-    def __init__(self, backbone: nn.Module, num_features: int, head_widths: list[int], head_dropout: float, dropout: float,
-                 global_pool: str = "avg"):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_features: int,
+        head_widths: list[int],
+        head_dropout: float,
+        dropout: float,
+        global_pool: str = "avg",
+    ):
         super().__init__()
         self.backbone = backbone
         self.global_pool = global_pool
@@ -138,7 +153,9 @@ def count_parameters(net: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def build_model(config: TrainConfig, backbone_state: dict | None = None, timm_pretrained: bool = False) -> MuraNet:
+def build_model(
+    config: TrainConfig, backbone_state: dict | None = None, timm_pretrained: bool = False
+) -> MuraNet:
     """Build the network for ``config``.
 
     Args:
@@ -147,8 +164,14 @@ def build_model(config: TrainConfig, backbone_state: dict | None = None, timm_pr
         timm_pretrained: let timm load its ImageNet weights (see :mod:`mura_tune.train.weights`).
     """
     if config.model == CUSTOM_CNN:
-        backbone = CustomCNN(config.depth, config.base_filters, config.max_filters, config.convs_per_cell,
-                             config.batch_norm, config.spatial_dropout)
+        backbone = CustomCNN(
+            config.depth,
+            config.base_filters,
+            config.max_filters,
+            config.convs_per_cell,
+            config.batch_norm,
+            config.spatial_dropout,
+        )
         num_features = backbone.num_features
     else:
         import timm
@@ -157,7 +180,13 @@ def build_model(config: TrainConfig, backbone_state: dict | None = None, timm_pr
         num_features = backbone.num_features
     if backbone_state is not None:
         load_backbone_state(backbone, backbone_state, config.model)
-    net = MuraNet(backbone, num_features, list(config.head_widths), config.head_dropout, config.dropout,
-                  config.global_pool)
+    net = MuraNet(
+        backbone,
+        num_features,
+        list(config.head_widths),
+        config.head_dropout,
+        config.dropout,
+        config.global_pool,
+    )
     apply_unfreeze(net, config.model, config.unfreeze_blocks)
     return net

@@ -156,7 +156,9 @@ def _subset(cache: ImageCache, table: pd.DataFrame, classes: list[str]) -> Split
     )
 
 
-def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, _weights: torch.Tensor) -> torch.Tensor:
+def _cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, _weights: torch.Tensor
+) -> torch.Tensor:
     return F.cross_entropy(logits, labels)
 
 
@@ -307,9 +309,18 @@ def pretrain_bodypart(
     for epoch in range(epochs):
         t0 = time.time()
         counts.update(correct=0, seen=0)
-        batches = batch_loader(cache, fit, batch_size, shuffle=True, seed=seed * 1000 + epoch, pin_memory=engine.cuda)
+        batches = batch_loader(
+            cache, fit, batch_size, shuffle=True, seed=seed * 1000 + epoch, pin_memory=engine.cuda
+        )
         loss = engine.train_epoch(
-            net, batches, _cross_entropy, optimizer, scaler, AUG_STRENGTH, generator, on_step=on_step
+            net,
+            batches,
+            _cross_entropy,
+            optimizer,
+            scaler,
+            AUG_STRENGTH,
+            generator,
+            on_step=on_step,
         )
         train_acc = counts["correct"] / max(counts["seen"], 1)
         if not math.isfinite(loss):
@@ -332,7 +343,11 @@ def pretrain_bodypart(
         "cache_key": cache.path.name,
         "splits": ["train"],
         "split": split_provenance(split_table, **(split_info or {})),
-        "images": {"file": images_file(out).name, "sha256": image_list_digest(trained_on), "count": len(trained_on)},
+        "images": {
+            "file": images_file(out).name,
+            "sha256": image_list_digest(trained_on),
+            "count": len(trained_on),
+        },
         "holdout": {"fraction_of_train_patients": HOLDOUT_FRACTION, "images": len(holdout)},
         "n_images": len(fit),
         "epochs": epochs,
@@ -367,7 +382,9 @@ def pretrain_bodypart(
     return out, info
 
 
-def _accuracy(engine: Engine, net: nn.Module, cache: ImageCache, split: SplitData, batch_size: int) -> float:
+def _accuracy(
+    engine: Engine, net: nn.Module, cache: ImageCache, split: SplitData, batch_size: int
+) -> float:
     if len(split) == 0:
         return math.nan
     batches = batch_loader(cache, split, batch_size * 2, shuffle=False, seed=0)
@@ -375,7 +392,9 @@ def _accuracy(engine: Engine, net: nn.Module, cache: ImageCache, split: SplitDat
     return float((logits.argmax(1) == split.labels.numpy()).mean())
 
 
-def bodypart_weights_path(model: str, digest: str, image_size: int, epochs: int | None = None) -> Path:
+def bodypart_weights_path(
+    model: str, digest: str, image_size: int, epochs: int | None = None
+) -> Path:
     """``$MURA_TUNE_HOME/weights/<model>-bodypart-<train list digest>-<size>px-<recipe>.safetensors``.
 
     ``<recipe>`` hashes how the weights are trained (epochs, lr, batch, augmentation), so weights
@@ -437,8 +456,14 @@ def ensure_bodypart_weights(
     return path
 
 
-def resolve_pretrained(model: str, pretrained: str, split_table, image_size: int, verbose: bool = True,
-                       split_info: dict | None = None) -> tuple[str, str | None]:
+def resolve_pretrained(
+    model: str,
+    pretrained: str,
+    split_table,
+    image_size: int,
+    verbose: bool = True,
+    split_info: dict | None = None,
+) -> tuple[str, str | None]:
     """Resolve ``auto`` and ``bodypart`` for one backbone, with the run's own split.
 
     Args:
@@ -464,7 +489,9 @@ def resolve_pretrained(model: str, pretrained: str, split_table, image_size: int
             "pretrained: bodypart is for timm backbones (custom_cnn's cells are searched per trial); "
             "use none, or a file written by `mura-tune pretrain --backbone custom_cnn` for the same cells"
         )
-    path = ensure_bodypart_weights(model, split_table, image_size=image_size, verbose=verbose, split_info=split_info)
+    path = ensure_bodypart_weights(
+        model, split_table, image_size=image_size, verbose=verbose, split_info=split_info
+    )
     if verbose:
         log.info("pretrained=bodypart -> %s", path)
     return str(path), f"bodypart:{path.name}"

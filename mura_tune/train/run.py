@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 EpochCallback = Callable[[dict, dict], None]
 
 
-
 class TrialDiverged(RuntimeError):
     """The loss became NaN/inf: the run stops and is recorded as an error, never as a score."""
 
@@ -71,11 +70,18 @@ def class_weights(train_table: pd.DataFrame) -> dict[str, tuple[float, float]]:
     return out
 
 
-def prepare_data(split_table: pd.DataFrame, config: TrainConfig, cache_root: Path | None = None,
-                 strict: bool = False, progress: bool = True) -> Prepared:
+def prepare_data(
+    split_table: pd.DataFrame,
+    config: TrainConfig,
+    cache_root: Path | None = None,
+    strict: bool = False,
+    progress: bool = True,
+) -> Prepared:
     """Cache the split's images at ``config.image_size`` and index train/val/test (one part if scoped)."""
     # One cache for the whole split (shared by generalists and every specialist), then filter.
-    cache = build_cache(split_table["image_path"].tolist(), config.image_size, root=cache_root, progress=progress)
+    cache = build_cache(
+        split_table["image_path"].tolist(), config.image_size, root=cache_root, progress=progress
+    )
     table = split_table
     if config.body_part is not None:
         table = table[table["body_part"] == config.body_part]
@@ -85,7 +91,9 @@ def prepare_data(split_table: pd.DataFrame, config: TrainConfig, cache_root: Pat
     skipped = bad[bad["image_path"].isin(set(table["image_path"]))]
     if len(skipped) and strict:
         first = skipped.iloc[0]
-        raise DataError(f"{len(skipped)} unreadable image(s), e.g. {first['image_path']}: {first['reason']} (--strict)")
+        raise DataError(
+            f"{len(skipped)} unreadable image(s), e.g. {first['image_path']}: {first['reason']} (--strict)"
+        )
     usable = table[~table["image_path"].isin(set(skipped["image_path"]))]
     weights = class_weights(usable[usable["split"] == "train"])
 
@@ -93,16 +101,29 @@ def prepare_data(split_table: pd.DataFrame, config: TrainConfig, cache_root: Pat
         part = usable[usable["split"] == name].reset_index(drop=True)
         labels = part["label"].to_numpy(dtype=np.float32)
         if config.class_weighting:
-            w = np.array([weights.get(p, (0.5, 0.5))[int(y)] for p, y in zip(part["body_part"], labels)], dtype=np.float32)
+            w = np.array(
+                [weights.get(p, (0.5, 0.5))[int(y)] for p, y in zip(part["body_part"], labels)],
+                dtype=np.float32,
+            )
             w = w / w.mean() if len(w) else w
         else:
             w = np.ones_like(labels)
         cols = ["image_path", "study_id", "body_part", "label", "split"]
-        return SplitData(cache.rows(part["image_path"]), torch.from_numpy(labels), torch.from_numpy(w), part[cols])
+        return SplitData(
+            cache.rows(part["image_path"]),
+            torch.from_numpy(labels),
+            torch.from_numpy(w),
+            part[cols],
+        )
 
-    prepared = Prepared(cache, subset("train"), subset("val"), subset("test"), skipped.reset_index(drop=True))
+    prepared = Prepared(
+        cache, subset("train"), subset("val"), subset("test"), skipped.reset_index(drop=True)
+    )
     if len(prepared.train) == 0 or len(prepared.val) == 0:
-        raise DataError("the split has no train or no val images" + (f" for {config.body_part}" if config.body_part else ""))
+        raise DataError(
+            "the split has no train or no val images"
+            + (f" for {config.body_part}" if config.body_part else "")
+        )
     return prepared
 
 
@@ -110,8 +131,15 @@ def _maximise(metric: str) -> bool:
     return not metric.endswith("_loss")
 
 
-def predict(net: MuraNet, data: Prepared, split: SplitData, device: torch.device | Engine, batch_size: int,
-            tta_flip: bool, normalize: torch.nn.Module | None = None) -> np.ndarray:
+def predict(
+    net: MuraNet,
+    data: Prepared,
+    split: SplitData,
+    device: torch.device | Engine,
+    batch_size: int,
+    tta_flip: bool,
+    normalize: torch.nn.Module | None = None,
+) -> np.ndarray:
     """Image probabilities for a split (eval mode, no augmentation, optional flip TTA)."""
     engine = device if isinstance(device, Engine) else Engine(device, normalize)
     batches = batch_loader(data.cache, split, batch_size * 2, shuffle=False, seed=0)
@@ -151,7 +179,9 @@ def run_training(
         TrialDiverged: the training loss became NaN/inf (status ``diverged`` is written first).
     """
     config.validate()
-    check_weights_split(config.pretrained, split_table, notify=False)  # before any work: weights never saw val/test
+    check_weights_split(
+        config.pretrained, split_table, notify=False
+    )  # before any work: weights never saw val/test
     started = time.time()
     run = TrialDir(Path(out_dir))
     run.path.mkdir(parents=True, exist_ok=True)
@@ -175,7 +205,9 @@ def run_training(
     params = [p for p in net.parameters() if p.requires_grad]
     opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(params, lr=config.lr, weight_decay=config.weight_decay)
-    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience
+    )
     scaler = engine.grad_scaler()
     generator = torch.Generator().manual_seed(config.seed)
 
@@ -187,35 +219,66 @@ def run_training(
         optimizer.load_state_dict(resume_state["optimizer"])
         plateau.load_state_dict(resume_state["plateau"])
         generator.set_state(resume_state["generator"])
-        history, best, start_epoch = resume_state["history"], resume_state["best"], resume_state["epoch"]
+        history, best, start_epoch = (
+            resume_state["history"],
+            resume_state["best"],
+            resume_state["epoch"],
+        )
     if verbose:
-        log.info(f"{config.model}: {trainable:,} of {total:,} parameters trainable (unfreeze_blocks={config.unfreeze_blocks}); "
-              f"weights: {weights_source or source}; device: {engine.device}; train/val/test images: "
-              f"{len(data.train)}/{len(data.val)}/{len(data.test)}")
+        log.info(
+            f"{config.model}: {trainable:,} of {total:,} parameters trainable (unfreeze_blocks={config.unfreeze_blocks}); "
+            f"weights: {weights_source or source}; device: {engine.device}; train/val/test images: "
+            f"{len(data.train)}/{len(data.val)}/{len(data.test)}"
+        )
     status = TrialStatus.FINISHED
     summary_base = {
-        "trainable_params": trainable, "total_params": total, "weights_source": weights_source or source,
-        "device": str(engine.device), "skipped_images": len(data.skipped),
+        "trainable_params": trainable,
+        "total_params": total,
+        "weights_source": weights_source or source,
+        "device": str(engine.device),
+        "skipped_images": len(data.skipped),
         "images": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
     }
 
     for epoch in range(start_epoch, config.max_epochs):
         t0 = time.time()
-        batches = batch_loader(data.cache, data.train, config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch,
-                               num_workers=config.num_workers, pin_memory=engine.cuda)
-        train_loss = engine.train_epoch(net, batches, weighted_bce, optimizer, scaler, config.aug_strength, generator)
+        batches = batch_loader(
+            data.cache,
+            data.train,
+            config.batch_size,
+            shuffle=True,
+            seed=config.seed * 1000 + epoch,
+            num_workers=config.num_workers,
+            pin_memory=engine.cuda,
+        )
+        train_loss = engine.train_epoch(
+            net, batches, weighted_bce, optimizer, scaler, config.aug_strength, generator
+        )
         if not math.isfinite(train_loss):
             status = TrialStatus.DIVERGED
             history.append({"epoch": epoch + 1, "train_loss": train_loss, "status": status.value})
             write_parquet(run.metrics, pd.DataFrame(history))
-            _write_summary(run, config, summary_base, history, best, status, started,
-                           reason=f"training loss became {train_loss} at epoch {epoch + 1}")
+            _write_summary(
+                run,
+                config,
+                summary_base,
+                history,
+                best,
+                status,
+                started,
+                reason=f"training loss became {train_loss} at epoch {epoch + 1}",
+            )
             raise TrialDiverged(f"training loss became {train_loss} at epoch {epoch + 1}")
 
         val_probs = predict(net, data, data.val, engine, config.batch_size, config.tta_flip)
         val_frame = data.val.table.assign(prob=val_probs)
-        metrics = {"epoch": epoch + 1, "train_loss": train_loss, **split_metrics(val_frame, "val"),
-                   "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": 0.0}
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            **split_metrics(val_frame, "val"),
+            "lr": optimizer.param_groups[0]["lr"],
+            "epoch_seconds": 0.0,
+        }
         plateau.step(metrics["val_loss"])
         value = metrics.get(config.select_metric, math.nan)
         better = value > best["value"] if _maximise(config.select_metric) else value < best["value"]
@@ -239,22 +302,39 @@ def run_training(
         history.append(metrics)
         write_parquet(run.metrics, pd.DataFrame(history))
         if verbose:
-            log.info(f"epoch {epoch + 1}/{config.max_epochs}  train_loss {train_loss:.4f}  val_loss {metrics['val_loss']:.4f}  "
-                  f"val_auc {metrics['val_auc']:.3f}  val_kappa_study {metrics[METRIC]:.3f}  "
-                     f"({metrics['epoch_seconds']:.1f}s)")
+            log.info(
+                f"epoch {epoch + 1}/{config.max_epochs}  train_loss {train_loss:.4f}  val_loss {metrics['val_loss']:.4f}  "
+                f"val_auc {metrics['val_auc']:.3f}  val_kappa_study {metrics[METRIC]:.3f}  "
+                f"({metrics['epoch_seconds']:.1f}s)"
+            )
         if last:  # the summary is final before Ray learns the trial is finished
             _write_summary(run, config, summary_base, history, best, status, started)
         if on_epoch is not None:
-            state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "plateau": plateau.state_dict(),
-                     "generator": generator.get_state(), "history": history, "best": best, "epoch": epoch + 1}
+            state = {
+                "model": net.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "plateau": plateau.state_dict(),
+                "generator": generator.get_state(),
+                "history": history,
+                "best": best,
+                "epoch": epoch + 1,
+            }
             on_epoch(dict(metrics), state)
         if last:
             break
     return _write_summary(run, config, summary_base, history, best, status, started)
 
 
-def _write_summary(run: TrialDir, config: TrainConfig, base: dict, history: list[dict], best: dict, status: TrialStatus,
-                   started: float, reason: str | None = None) -> dict:
+def _write_summary(
+    run: TrialDir,
+    config: TrainConfig,
+    base: dict,
+    history: list[dict],
+    best: dict,
+    status: TrialStatus,
+    started: float,
+    reason: str | None = None,
+) -> dict:
     summary = {
         **base,
         "status": status.value,

@@ -102,7 +102,10 @@ def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    host, port = (
+        url.hostname or "huggingface.co",
+        url.port or (443 if url.scheme == "https" else 80),
+    )
     result = {"ok": False}
 
     def attempt() -> None:
@@ -149,7 +152,9 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_backbone_state(backbone: torch.nn.Module, state: dict[str, torch.Tensor], model: str) -> None:
+def load_backbone_state(
+    backbone: torch.nn.Module, state: dict[str, torch.Tensor], model: str
+) -> None:
     """Load backbone weights, ignoring classifier/head keys; mismatches are a one-line error."""
     state = {k.removeprefix("backbone."): v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "classifier.", "fc."))}
@@ -186,7 +191,9 @@ def load_imagenet_state(model: str) -> tuple[dict[str, torch.Tensor], str]:
     try:
         return timm.create_model(model, pretrained=True, num_classes=0).state_dict(), "imagenet:hub"
     except Exception as exc:
-        raise WeightsError(f"downloading ImageNet weights for {model} failed ({str(exc).splitlines()[0]}); {ALTERNATIVES}") from None
+        raise WeightsError(
+            f"downloading ImageNet weights for {model} failed ({str(exc).splitlines()[0]}); {ALTERNATIVES}"
+        ) from None
 
 
 def initial_backbone_state(model: str, pretrained: str) -> tuple[dict | None, str]:
@@ -201,7 +208,9 @@ def initial_backbone_state(model: str, pretrained: str) -> tuple[dict | None, st
             raise WeightsError(f"custom_cnn has no ImageNet weights; {ALTERNATIVES}")
         return load_imagenet_state(model)
     if pretrained in ("auto", "bodypart"):
-        raise WeightsError(f"pretrained: {pretrained} must be resolved before training (mura_tune.train.pretrain.resolve_pretrained)")
+        raise WeightsError(
+            f"pretrained: {pretrained} must be resolved before training (mura_tune.train.pretrain.resolve_pretrained)"
+        )
     return read_weights_file(pretrained), f"file:{Path(pretrained).name}"
 
 
@@ -217,8 +226,11 @@ def resolve_auto(model: str, verbose: bool = True) -> str:
             log.info("pretrained=auto -> ImageNet weights for %s", model)
         return "imagenet"
     if verbose:
-        log.warning("pretrained=auto -> random initialisation for %s: no ImageNet weights offline; %s", model,
-                    offline_hint(model))
+        log.warning(
+            "pretrained=auto -> random initialisation for %s: no ImageNet weights offline; %s",
+            model,
+            offline_hint(model),
+        )
     return "none"
 
 
@@ -268,10 +280,14 @@ def trained_images(weights: str | Path) -> set[str] | None:
     try:
         paths = pd.read_parquet(listing, columns=["image_path"])["image_path"].tolist()
     except Exception as exc:
-        raise WeightsError(f"weights {weights}: cannot read their image list {listing} ({str(exc).splitlines()[0]})") from None
+        raise WeightsError(
+            f"weights {weights}: cannot read their image list {listing} ({str(exc).splitlines()[0]})"
+        ) from None
     if len(paths) != record.get("count") or image_list_digest(paths) != record.get("sha256"):
-        raise WeightsError(f"weights {weights}: image list {listing} does not match the digest and count in "
-                           f"{Path(weights).with_suffix('.json').name}")
+        raise WeightsError(
+            f"weights {weights}: image list {listing} does not match the digest and count in "
+            f"{Path(weights).with_suffix('.json').name}"
+        )
     return set(paths)
 
 
@@ -291,11 +307,16 @@ def check_weights_split(pretrained: str | None, split_table, notify: bool = True
     seen = trained_images(pretrained)
     if seen is None:
         if notify:
-            log.warning("%s records no list of the images it was trained on; cannot check that it never "
-                        "saw this run's val/test images", pretrained)
+            log.warning(
+                "%s records no list of the images it was trained on; cannot check that it never "
+                "saw this run's val/test images",
+                pretrained,
+            )
         return
     held_out = split_table[split_table["split"].isin(["val", "test"])]
-    overlap = [s for s, p in zip(held_out["split"], resolved_paths(held_out["image_path"])) if p in seen]
+    overlap = [
+        s for s, p in zip(held_out["split"], resolved_paths(held_out["image_path"])) if p in seen
+    ]
     if overlap:
         n_val = overlap.count("val")
         raise WeightsError(

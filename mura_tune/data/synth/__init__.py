@@ -57,6 +57,8 @@ SIDECAR_COLUMNS = (
     "image_path", "study_id", "body_part", "label", "true_label", "finding", "visible",
     "x0", "y0", "x1", "y1",
 )  # fmt: skip
+
+
 def synthesize(
     out: str | Path,
     *,
@@ -90,7 +92,9 @@ def synthesize(
         DataError: The index is missing or malformed, or the output already exists.
     """
     _check_args(scale, size, difficulty, seed, workers)
-    if valid_scale is not None and (not isinstance(valid_scale, numbers.Real) or not 0 < valid_scale <= 1):
+    if valid_scale is not None and (
+        not isinstance(valid_scale, numbers.Real) or not 0 < valid_scale <= 1
+    ):
         raise ConfigError(f"--valid-scale must be in (0, 1], got {valid_scale}")
     out = Path(out)
     root = out / ROOT_NAME
