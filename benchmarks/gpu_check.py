@@ -39,39 +39,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.gpu_check", description=__doc__.splitlines()[0]
     )
-    p.add_argument(
-        "--device", default="cuda", help="cuda (default) or cpu (every path but CUDA itself)"
-    )
-    p.add_argument(
-        "--data", help="dataset folder or manifest (default: the embedded synthetic set)"
-    )
-    p.add_argument(
-        "--image-size",
-        type=int,
-        default=320,
-        help="training and pretraining input side (default 320)",
-    )
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument(
-        "--max-images",
-        type=int,
-        default=0,
-        help="sample at most this many images per split (0: all)",
-    )
-    p.add_argument(
-        "--search-image-size",
-        type=int,
-        default=128,
-        help="input side of the search trials (default 128)",
-    )
-    p.add_argument(
-        "--search-epochs", type=int, default=2, help="epochs per search trial (default 2)"
-    )
-    p.add_argument(
-        "--results",
-        help="folder for the search and the pretrained weights (default: a temporary one)",
-    )
-    p.add_argument("--out", default="gpu_check.json", help="JSON to write (default gpu_check.json)")
+    add = p.add_argument
+    add("--device", default="cuda", help="cuda (default) or cpu (every path but CUDA)")
+    add("--data", help="dataset folder or manifest (default: the embedded set)")
+    add("--image-size", type=int, default=320, help="train/pretrain input side (320)")
+    add("--batch-size", type=int, default=32)
+    add("--max-images", type=int, default=0, help="at most this many images per split (0: all)")
+    add("--search-image-size", type=int, default=128, help="search trials' input side (128)")
+    add("--search-epochs", type=int, default=2, help="epochs per search trial (2)")
+    add("--results", help="folder for the search and the weights (default: a temporary one)")
+    add("--out", default="gpu_check.json", help="JSON to write (default gpu_check.json)")
     return p.parse_args(argv)
 
 

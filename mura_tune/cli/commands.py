@@ -20,6 +20,11 @@ def print_json(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
+def options(args, *names: str) -> dict:
+    """The named flags as keyword arguments: a flag's ``dest`` is the library parameter it sets."""
+    return {name: getattr(args, name) for name in names}
+
+
 def paths_written(*paths: str | Path) -> None:
     """Every command ends by printing the paths it wrote."""
     for path in paths:
@@ -37,13 +42,7 @@ def data_synth(args) -> int:
 
     root = synthesize(
         args.out,
-        scale=args.scale,
-        valid_scale=args.valid_scale,
-        size=args.size,
-        difficulty=args.difficulty,
-        seed=args.seed,
-        index=args.index,
-        workers=args.workers,
+        **options(args, "scale", "valid_scale", "size", "difficulty", "seed", "index", "workers"),
     )
     paths_written(root)
     return 0
@@ -147,6 +146,19 @@ def train(args) -> int:
     return 0
 
 
+PRETRAIN_FLAGS = (
+    "data",
+    "out",
+    "epochs",
+    "image_size",
+    "batch_size",
+    "lr",
+    "seed",
+    "val_fraction",
+    "device",
+)
+
+
 def pretrain(args) -> int:
     from mura_tune.train.pretrain import pretrain_bodypart
 
@@ -157,17 +169,9 @@ def pretrain(args) -> int:
         split_table, split_info = load_split(args.split), {"path": str(Path(args.split).resolve())}
     out, info = pretrain_bodypart(
         args.backbone,
-        data=args.data,
-        out=args.out,
-        epochs=args.epochs,
-        image_size=args.image_size,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        val_fraction=args.val_fraction,
         split_table=split_table,
         split_info=split_info,
-        device=args.device,
+        **options(args, *PRETRAIN_FLAGS),
     )
     print(
         f"body-part accuracy {info['holdout_accuracy']:.3f} on {info['holdout']['images']} held-out train-split images "
@@ -188,11 +192,8 @@ def search(args) -> int:
     if args.resume:
         plan = SearchPlan.for_resume(args.results, args.name, args.space, address=args.address)
     else:  # the plan checks every flag before torch or Ray is imported
-        names = {f.name for f in fields(SearchPlan) if f.init} - {"overrides"}
-        plan = SearchPlan(
-            **{k: v for k, v in vars(args).items() if k in names},
-            overrides=parse_overrides(args.set),
-        )
+        names = [f.name for f in fields(SearchPlan) if f.init and f.name != "overrides"]
+        plan = SearchPlan(**options(args, *names), overrides=parse_overrides(args.set))
     from mura_tune.search.driver import run_search
     from mura_tune.search.leaderboard import format_leaderboard
 
@@ -247,13 +248,9 @@ def ensemble(args) -> int:
     out = EnsembleDir(
         build_ensemble(
             args.experiment,
-            name=args.name,
-            out_root=args.out_root,
-            max_size=args.max_size,
-            specialists=args.specialists,
-            metric=args.metric,
-            margin=args.margin,
-            seed=args.seed,
+            **options(
+                args, "name", "out_root", "max_size", "specialists", "metric", "margin", "seed"
+            ),
         )
     )
     print(format_report(read_json(out.report)))
