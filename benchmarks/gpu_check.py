@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     report["checks"] = {
         "train_params_on_device": report["train"]["param_device"] == kind,
         "train_batches_on_device": report["train"]["batch_device"] == kind,
+        # channels_last on every device; float16 AMP on CUDA only
         "train_channels_last_and_amp": report["train"]["channels_last"]
-        == report["train"]["amp"]
-        == (kind == "cuda"),
+        and report["train"]["amp"] == (kind == "cuda"),
         "pretrain_on_device": report["pretrain"]["device"].startswith(kind),
         "search_trials_on_device": all(
             t["device"].startswith(kind) for t in report["search"]["trials"]

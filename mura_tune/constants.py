@@ -7,6 +7,12 @@ VERSION = "0.1.0"
 #: The metric every component optimises, and its direction.
 METRIC = "val_kappa_study"
 MODE = "max"
+#: A trial reports to the scheduler and the searcher, as METRIC, the val study kappa of the
+#: checkpoint it keeps so far (its best epoch): ASHA compares at each rung, and TPE learns from,
+#: what each trial would deliver, not one epoch's swing. The epoch's own value goes under
+#: EPOCH_METRIC; a training run records the kept value under KEPT_METRIC.
+KEPT_METRIC = f"kept_{METRIC}"
+EPOCH_METRIC = f"epoch_{METRIC}"
 #: The scheduler's time attribute: the epoch our trainable reports. (Ray's own
 #: training_iteration restarts at 1 when a trial resumes from our resume.pt.)
 TIME_ATTR = "epoch"

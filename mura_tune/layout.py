@@ -97,6 +97,7 @@ class TrialStatus(str, Enum):
     FINISHED = "completed"  # every epoch ran
     EARLY_STOPPED = "early_stopped"  # stopped after early_stop_patience epochs without progress
     DIVERGED = "diverged"  # the loss became NaN/inf: an error, never a score
+    STOPPED = "stopped"  # its caller's compute budget ran out (run_training(should_stop=...))
     # the leaderboard's verdict on a trial in its search
     COMPLETED = "COMPLETED"
     PRUNED = "PRUNED"  # stopped by ASHA (or another stop criterion)
@@ -112,7 +113,7 @@ class TrialStatus(str, Enum):
 
 
 #: A run that ended with a score (its summary.json is final).
-RUN_ENDED = (TrialStatus.FINISHED, TrialStatus.EARLY_STOPPED)
+RUN_ENDED = (TrialStatus.FINISHED, TrialStatus.EARLY_STOPPED, TrialStatus.STOPPED)
 #: Trials Ray Tune has not finished.
 UNFINISHED = (TrialStatus.PENDING, TrialStatus.RUNNING, TrialStatus.PAUSED)
 

@@ -253,13 +253,14 @@ def score_studies(
     return out
 
 
-def format_ci(value: float | None, ci: list | tuple | None = None) -> str:
-    """``0.712 [0.660, 0.760]``, or ``n/a`` where undefined."""
-    if value is None:
+def format_ci(value: float | None, ci: list | tuple | None = None, signed: bool = False) -> str:
+    """``0.712 [0.660, 0.760]`` (``+0.041 [+0.012, +0.070]`` when ``signed``), or ``n/a`` where undefined."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
+    fmt = "{:+.3f}" if signed else "{:.3f}"
     if ci is None or ci[0] is None:
-        return f"{value:.3f}"
-    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+        return fmt.format(value)
+    return f"{fmt.format(value)} [{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
 
 
 # --- paired comparisons -------------------------------------------------------------------------

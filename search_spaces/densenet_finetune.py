@@ -24,6 +24,34 @@ from mura_tune.search.spaces import register_space
         },
     },
     aux=("head_layers", "head_width"),
+    # Run first: a full fine-tune (what works from ImageNet weights and from random ones alike)
+    # and the reports' kind of cutoff (the last two blocks) for ImageNet starts.
+    start=[
+        {
+            "model": "densenet121",
+            "unfreeze_blocks": "all",
+            "head_layers": 0,
+            "global_pool": "max",
+            "dropout": 0.2,
+            "lr": 1e-3,
+            "weight_decay": 1e-5,
+            "aug_strength": 0.2,
+            "class_weighting": True,
+            "batch_size": 32,
+        },
+        {
+            "model": "densenet121",
+            "unfreeze_blocks": 2,
+            "head_layers": 0,
+            "global_pool": "avg",
+            "dropout": 0.2,
+            "lr": 3e-4,
+            "weight_decay": 1e-5,
+            "aug_strength": 0.2,
+            "class_weighting": True,
+            "batch_size": 32,
+        },
+    ],  # fmt: skip
 )
 def densenet_finetune(trial, backbones=("densenet121", "densenet169", "densenet201")):
     """DenseNet-121/169/201: unfrozen blocks, MLP head, pooling, lr, weight decay, augmentation, class weighting, batch size."""

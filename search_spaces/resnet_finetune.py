@@ -16,6 +16,18 @@ from mura_tune.search.spaces import register_space
             "num_workers": 4,
         },
     },
+    start=[
+        {
+            "model": "resnet18",
+            "unfreeze_blocks": "all",
+            "global_pool": "max",
+            "dropout": 0.2,
+            "lr": 1e-3,
+            "weight_decay": 1e-4,
+            "aug_strength": 0.2,
+            "class_weighting": True,
+        },
+    ],  # fmt: skip
 )
 def resnet_finetune(trial):
     """ResNet-18/50: unfrozen blocks, dropout, lr, weight decay, augmentation, class weighting."""

@@ -25,13 +25,16 @@ import pytest
 from conftest import run_cli
 from PIL import Image
 
-from mura_tune.constants import METRIC
+from mura_tune.constants import EPOCH_METRIC, KEPT_METRIC, METRIC
 from mura_tune.report.html import SECTIONS, write_report
 
 SEARCH_TIMEOUT = 900  # the first test pays for the search
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TB_TAGS = ("val_kappa_study", "train_loss", "val_loss", "val_auc", "lr")
+#: What each reported scalar is in metrics.parquet: trials report their kept checkpoint's val kappa
+#: as METRIC (the scheduler's and the searcher's value) and the epoch's own as EPOCH_METRIC.
+TB_COLUMN = {METRIC: KEPT_METRIC, EPOCH_METRIC: METRIC}
 OPTUNA_TO_BOARD = {"COMPLETE": "COMPLETED", "PRUNED": "PRUNED", "FAIL": "ERROR"}
 
 
@@ -277,7 +280,8 @@ def test_optuna_study_matches_the_leaderboard(search):
         ]
         row = board[board["trial_id"] == trial_id].iloc[0]
         assert OPTUNA_TO_BOARD[t.state.name] == row["status"]
-        curve = pd.read_parquet(Path(row["trial_dir"]) / "metrics.parquet")[METRIC].tolist()
+        # Optuna hears, epoch by epoch, the val kappa of the checkpoint the trial keeps so far.
+        curve = pd.read_parquet(Path(row["trial_dir"]) / "metrics.parquet")[KEPT_METRIC].tolist()
         if t.state.name in ("PRUNED", "COMPLETE"):
             steps = sorted(t.intermediate_values)
             assert steps == list(range(1, len(curve) + 1)), "one intermediate value per epoch"
@@ -303,10 +307,10 @@ def test_tensorboard_scalars_of_every_trial(search):
             tags = set(acc.Tags()["scalars"])
             if f"ray/tune/{METRIC}" in tags:
                 break
-        for name in TB_TAGS:
+        for name in (*TB_TAGS, EPOCH_METRIC):
             assert f"ray/tune/{name}" in tags, f"trial {row.trial_id}: no ray/tune/{name}"
             values = [e.value for e in acc.Scalars(f"ray/tune/{name}")]
-            expected = curve[name].tolist()
+            expected = curve[TB_COLUMN.get(name, name)].tolist()
             assert len(values) == len(expected)
             assert values == pytest.approx(expected, rel=1e-5, abs=1e-6, nan_ok=True)
 

@@ -300,6 +300,21 @@ def cam(args) -> int:
     return 0
 
 
+def compare(args) -> int:
+    if args.names and len(args.names) != len(args.models):
+        raise ConfigError(
+            f"--names needs one label per FOLDER ({len(args.models)}), got {len(args.names)}"
+        )
+    from mura_tune.report.compare import compare as compare_models
+    from mura_tune.report.compare import format_comparison, load_predictions
+
+    names = args.names or [None] * len(args.models)
+    models = [load_predictions(path, name) for path, name in zip(args.models, names)]
+    result = compare_models(models)
+    print_json(result) if args.json else print(format_comparison(result))
+    return 0
+
+
 HANDLERS = {
     "data_synth": data_synth,
     "data_summary": data_summary,
@@ -315,4 +330,5 @@ HANDLERS = {
     "predict": predict,
     "report": report,
     "cam": cam,
+    "compare": compare,
 }

@@ -62,6 +62,7 @@ COMMANDS = (
     "predict",
     "report",
     "cam",
+    "compare",
 )
 
 
@@ -258,6 +259,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image")
     g.add_argument("--study")
     p.add_argument("--out")
+
+    p = sub.add_parser(
+        "compare", help="models side by side on the same test studies, with paired intervals"
+    )
+    p.add_argument(
+        "models",
+        nargs="+",
+        metavar="FOLDER",
+        help="a training run (train --out), an experiment (its best trial) or an ensemble; the first is the reference",
+    )
+    p.add_argument("--names", nargs="+", help="a label per FOLDER (default: the folder names)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -282,8 +295,18 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="ASHA max_t (default: the space's preset)",
     )
-    p.add_argument("--grace-period", type=flag(RULES["grace_period"]), default=1)
-    p.add_argument("--reduction-factor", type=flag(RULES["reduction_factor"]), default=2)
+    p.add_argument(
+        "--grace-period",
+        type=flag(RULES["grace_period"]),
+        default=None,
+        help="ASHA's first rung in epochs (default: the preset's)",
+    )
+    p.add_argument(
+        "--reduction-factor",
+        type=flag(RULES["reduction_factor"]),
+        default=None,
+        help="ASHA's reduction factor (default: the preset's, else 3)",
+    )
     p.add_argument(
         "--max-concurrent",
         type=flag(RULES["max_concurrent"]),
@@ -300,7 +323,7 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
         "--cpus-per-trial",
         type=flag(RULES["cpus_per_trial"]),
         default=None,
-        help="default: all cores on CPU, 4 with a GPU",
+        help="default 1 on CPU (as many trials as cores), 4 with a GPU",
     )
     p.add_argument(
         "--time-budget",

@@ -103,7 +103,9 @@ def build_tuner(
 
     ray_dir = plan.ray_dir(scope)
     space = get_space(plan.space)
-    searcher = make_searcher(plan, scope, space.sampler_fn(plan.preset))
+    searcher = make_searcher(
+        plan, scope, space.sampler_fn(plan.preset), space.start_points(plan.preset, plan.overrides)
+    )
     reporter = tune.CLIReporter(
         metric_columns=REPORT_COLUMNS,
         parameter_columns=_report_params(space, plan),
@@ -118,7 +120,7 @@ def build_tuner(
             search_alg=searcher,
             scheduler=make_scheduler(plan),
             num_samples=plan.scopes[scope],
-            max_concurrent_trials=plan.max_concurrent,
+            max_concurrent_trials=plan.max_concurrent or concurrency(plan),
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_dirname,
             # One actor process runs trial after trial: its imports, torch threads and memory-mapped
@@ -140,8 +142,22 @@ def build_tuner(
     )
 
 
+def concurrency(plan: SearchPlan) -> int:
+    """Trials at once when ``--max-concurrent`` is not given: what the cluster's CPUs (and GPUs) hold.
+
+    (Ray Tune asks a searcher for one trial at a time unless told how many may run.)
+    """
+    import ray
+
+    total = ray.cluster_resources()
+    slots = total.get("CPU", 1.0) / plan.cpus_per_trial
+    if plan.gpus_per_trial:
+        slots = min(slots, total.get("GPU", 0.0) / plan.gpus_per_trial)
+    return max(1, int(slots + 1e-9))
+
+
 def _report_params(space, plan) -> list[str]:
-    return sorted(space.dimensions())[:4]
+    return sorted(space.dimensions(preset=plan.preset))[:4]
 
 
 @dataclass
@@ -215,8 +231,12 @@ def run_search(
             _run_scope(plan, scope, resume, stop, callbacks, verbose)
             if scope_done(plan, scope):
                 drop_resume_states(plan, scope)
-            elif plan.time_budget_s and time.monotonic() - started >= plan.time_budget_s:
-                budget_reached = True  # unfinished trials keep their resume.pt: --resume continues
+            elif (plan.time_budget_s and time.monotonic() - started >= plan.time_budget_s) or (
+                callable(getattr(stop, "stop_all", None)) and stop.stop_all()
+            ):
+                # The time budget, or the caller's own stop criterion, ended it: the search is
+                # over, not interrupted (unfinished trials keep their resume.pt: --resume continues).
+                budget_reached = True
             else:
                 interrupted = True
                 break

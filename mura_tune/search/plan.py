@@ -20,7 +20,6 @@ straight to the folder, so it must be one every node mounts.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import time
@@ -33,6 +32,9 @@ from mura_tune.errors import ConfigError, ExperimentError, Range
 from mura_tune.io import write_json
 from mura_tune.layout import GENERALIST_SCOPE, ExperimentDir
 from mura_tune.train.config import TrainConfig
+
+#: ``num_samples`` of a search bounded by its time budget only.
+UNBOUNDED = 100_000
 
 URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 #: The numeric rules of a plan's fields: the CLI parses its flags with them, the plan checks them.
@@ -69,12 +71,12 @@ class SearchPlan:
         results: the folder experiments go in (shared by every node on a cluster).
         name: the experiment's folder name (default ``<space>-<time>``).
         preset: ``cpu`` or ``gpu`` (default: ``gpu`` when CUDA is visible).
-        num_samples: trials (default: the preset's).
+        num_samples: trials (default: the preset's; with ``time_budget_s``, as many as fit).
         max_epochs: ASHA's ``max_t`` (default: the preset's).
-        grace_period: ASHA's first rung (epochs).
-        reduction_factor: ASHA's reduction factor (> 1).
+        grace_period: ASHA's first rung in epochs (default: the preset's, else 1).
+        reduction_factor: ASHA's reduction factor, > 1 (default: the preset's, else 3).
         max_concurrent: trials at once (default: what the resources allow).
-        cpus_per_trial: default all cores on CPU, 4 with a GPU.
+        cpus_per_trial: default 1 on CPU (as many trials as cores), 4 with a GPU.
         gpus_per_trial: fractions allowed (0.5: two trials share a GPU); default 1 with CUDA, else 0.
         seed: seeds the split, the samplers and the trials.
         val_fraction: share of the official train studies held out as val (by patient).
@@ -103,8 +105,8 @@ class SearchPlan:
     preset: str | None = None
     num_samples: int | None = None
     max_epochs: int | None = None
-    grace_period: int = 1
-    reduction_factor: float = 2.0
+    grace_period: int | None = None
+    reduction_factor: float | None = None
     max_concurrent: int | None = None
     cpus_per_trial: float | None = None
     gpus_per_trial: float | None = None
@@ -137,7 +139,7 @@ class SearchPlan:
             if value is not None:
                 rule.check(value, flag_name(name))
         # The space registry imports Optuna: here, not at module level, so --help stays light.
-        from mura_tune.search.spaces import get_space
+        from mura_tune.search.spaces import SEARCH_DEFAULTS, SEARCH_KEYS, get_space
 
         space = get_space(self.space)
         cuda = _cuda_visible()
@@ -145,10 +147,22 @@ class SearchPlan:
         if self.preset not in ("cpu", "gpu"):
             raise ConfigError(f"--preset must be cpu or gpu, got {self.preset!r}")
         preset = space.preset(self.preset)
-        preset_samples, preset_epochs = preset.pop("num_samples", 10), preset.pop("max_epochs", 5)
+        search = {key: preset.pop(key) for key in SEARCH_KEYS if key in preset}
         preset.pop("space_args", None)  # used by the space's sampler, not a config field
-        self.num_samples = self.num_samples if self.num_samples is not None else preset_samples
-        self.max_epochs = self.max_epochs if self.max_epochs is not None else preset_epochs
+        # What the user gave wins, then the preset's value, then mura-tune's default. A time
+        # budget without a trial count runs as many trials as fit.
+        unbounded = self.time_budget_s is not None and self.num_samples is None
+        defaults = {
+            **SEARCH_DEFAULTS,
+            **search,
+            **({"num_samples": UNBOUNDED} if unbounded else {}),
+        }
+        given_grace = self.grace_period is not None
+        for key, value in defaults.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if not given_grace:  # a preset's first rung never lies past the user's --max-epochs
+            self.grace_period = min(self.grace_period, self.max_epochs)
         _check(
             1 <= self.grace_period <= self.max_epochs,
             f"--grace-period must be in [1, --max-epochs={self.max_epochs}], got {self.grace_period}",
@@ -156,7 +170,9 @@ class SearchPlan:
         if self.gpus_per_trial is None:
             self.gpus_per_trial = 1.0 if cuda else 0.0
         if self.cpus_per_trial is None:
-            self.cpus_per_trial = 4.0 if self.gpus_per_trial else float(os.cpu_count() or 1)
+            # On CPUs one thread per trial and as many trials as cores: small networks do not
+            # speed up with more threads, and ASHA decides better with trials side by side.
+            self.cpus_per_trial = 4.0 if self.gpus_per_trial else 1.0
         fixed = {
             **space.fixed,
             **preset,

@@ -104,7 +104,16 @@ def _searcher_class():
     return MuraOptunaSearch
 
 
-def make_searcher(plan: SearchPlan, scope: str, sample_fn):
+def make_searcher(plan: SearchPlan, scope: str, sample_fn, start: list[dict] | None = None):
+    """The Optuna searcher of one scope: TPE (or random sampling), its study in ``optuna.db``.
+
+    Args:
+        plan: the search.
+        scope: ``"all"`` or a body part.
+        sample_fn: the space's define-by-run function (``SearchSpace.sampler_fn(preset)``).
+        start: configurations to run first in a new study (``SearchSpace.start_points``);
+            random search, the baseline, ignores them.
+    """
     import optuna
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -123,12 +132,18 @@ def make_searcher(plan: SearchPlan, scope: str, sample_fn):
             n_startup_trials=startup,
         )
     storage = optuna.storages.RDBStorage(f"sqlite:///{plan.experiment.optuna_db}")
+    name = study_name(plan.name, scope)
+    # The space's known-good configurations run first (a new study only: a resumed one has them).
+    # Random search, the baseline, gets none.
+    new_study = name not in {s.study_name for s in storage.get_all_studies()}
+    points = list(start or []) if new_study and not plan.random_search else []
     return _searcher_class()(
         space=sample_fn,
+        points_to_evaluate=points[:n] or None,
         metric=METRIC,
         mode=MODE,
         sampler=sampler,
-        study_name=study_name(plan.name, scope),
+        study_name=name,
         storage=storage,
         seed=plan.seed,
         num_samples=n,

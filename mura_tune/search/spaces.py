@@ -16,6 +16,11 @@ A plain dict of Optuna distributions works too (``register_space("name", {"lr": 
 The sampled values plus anything the function returns become the trial's config on top of
 ``fixed`` and the preset. Names that are not config fields must be listed in ``aux`` (they are
 still recorded in the leaderboard).
+
+``start`` lists known-good configurations (parameter values of this space) that a TPE search
+runs first, before its random start-up trials: the defaults mura-tune ships. ASHA then
+compares every new trial, rung by rung, with a model worth having, and the ensemble has one
+from the first minutes on (random search, the baseline, starts from nothing).
 """
 
 from __future__ import annotations
@@ -36,9 +41,13 @@ import optuna
 from mura_tune.errors import ConfigError
 from mura_tune.train.config import TrainConfig
 
-#: Keys a preset may hold besides config fields: search-level defaults and keyword arguments of
-#: the space's function (e.g. ``space_args: {backbones: [densenet121]}`` for the CPU demo).
-PRESET_KEYS = ("num_samples", "max_epochs", "space_args")
+#: Search settings a space's preset may give (trials, ASHA's max_t, grace period and reduction
+#: factor), and their values when neither the user nor the preset does.
+SEARCH_DEFAULTS = {"num_samples": 10, "max_epochs": 5, "grace_period": 1, "reduction_factor": 3.0}
+SEARCH_KEYS = tuple(SEARCH_DEFAULTS)
+#: Keys a preset may hold besides config fields: the search settings and keyword arguments of the
+#: space's function (e.g. ``space_args: {backbones: [densenet121]}`` for the CPU demo).
+PRESET_KEYS = (*SEARCH_KEYS, "space_args")
 
 
 @dataclass
@@ -50,9 +59,28 @@ class SearchSpace:
     aux: tuple[str, ...] = ()  # sampled names that are not config fields
     description: str = ""
     source: str = ""  # the file that defined it
+    start: tuple[dict[str, Any], ...] = ()  # known-good parameter values a TPE search runs first
 
     def preset(self, name: str) -> dict[str, Any]:
         return dict(self.presets.get(name, {}))
+
+    def start_points(self, preset: str | None, fixed: dict[str, Any]) -> list[dict[str, Any]]:
+        """The ``start`` configurations a search with this preset runs first.
+
+        A value the preset's ranges do not contain, or a field fixed for every trial (``--set``),
+        is left out of a point: what the user fixed stays fixed.
+        """
+        dims = self.dimensions(preset=preset)
+        points = []
+        for point in self.start:
+            kept = {
+                k: v
+                for k, v in point.items()
+                if k not in fixed and k in dims and _contains(dims[k], v)
+            }
+            if kept and kept not in points:
+                points.append(kept)
+        return points
 
     def sampler_fn(self, preset: str | None = None) -> Callable[[optuna.Trial], dict | None]:
         """The define-by-run function with the preset's ``space_args`` bound (picklable)."""
@@ -60,15 +88,16 @@ class SearchSpace:
         return functools.partial(self.sample, **args) if args else self.sample
 
     def dimensions(
-        self, n_samples: int = 64, seed: int = 0
+        self, n_samples: int = 64, seed: int = 0, preset: str | None = None
     ) -> dict[str, optuna.distributions.BaseDistribution]:
         """Every dimension the space can sample (conditional ones included), found by sampling."""
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
         dims: dict[str, optuna.distributions.BaseDistribution] = {}
+        sample = self.sampler_fn(preset)
         for _ in range(n_samples):
             trial = study.ask()
-            self.sample(trial)
+            sample(trial)
             dims.update(trial.distributions)
             study.tell(trial, 0.0)
         return dims
@@ -86,6 +115,7 @@ def register_space(
     presets: dict | None = None,
     aux: tuple[str, ...] = (),
     description: str = "",
+    start: list[dict[str, Any]] | None = None,
 ):
     """Register a space. Use as a decorator on a define-by-run function, or pass a dict of distributions."""
 
@@ -99,6 +129,7 @@ def register_space(
             tuple(aux),
             description or (fn.__doc__ or "").strip().split("\n")[0],
             getattr(module, "__file__", "") or "",
+            tuple(dict(point) for point in start or ()),
         )
         return fn
 
@@ -207,6 +238,13 @@ def split_params(space: SearchSpace, params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k in fields}
 
 
+def _contains(dist: optuna.distributions.BaseDistribution, value: Any) -> bool:
+    try:
+        return bool(dist._contains(dist.to_internal_repr(value)))
+    except (ValueError, TypeError):
+        return False
+
+
 def describe_spaces() -> str:
     """`mura-tune spaces`: each space with its dimensions and ranges."""
     lines = []
@@ -217,6 +255,8 @@ def describe_spaces() -> str:
             lines.append(f"    {dim:<18} {_format_dist(dist)}")
         if space.fixed:
             lines.append(f"    fixed: {space.fixed}")
+        for point in space.start:
+            lines.append(f"    runs first: {point}")
         for preset, values in sorted(space.presets.items()):
             lines.append(f"    preset {preset}: {values}")
         lines.append("")

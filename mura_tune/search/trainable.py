@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from mura_tune.constants import EPOCH_METRIC, KEPT_METRIC, METRIC
 from mura_tune.errors import ConfigError
 from mura_tune.io import atomic_path, write_json
 from mura_tune.layout import (
@@ -59,7 +60,7 @@ def trial_main(params: dict, ctx: dict) -> None:
         raise TrialDiverged(summary.get("reason"))  # a retry would diverge again
     if summary.get("status") in RUN_ENDED:
         last = json.loads(pd.read_parquet(trial.metrics).iloc[-1].to_json())
-        tune.report({**{k: v for k, v in last.items() if v is not None}, "node_id": node_id})
+        tune.report({**search_report(last), "node_id": node_id})
         return
     resume_path = trial.resume
     resume_state = (
@@ -109,8 +110,7 @@ def trial_main(params: dict, ctx: dict) -> None:
         else:
             with atomic_path(resume_path, suffix=".pt") as tmp:
                 torch.save(state, tmp)
-        report = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
-        tune.report({**report, "node_id": node_id})
+        tune.report({**search_report(metrics), "node_id": node_id})
 
     split_table = pd.read_parquet(ctx["split_path"])
     try:
@@ -130,6 +130,21 @@ def trial_main(params: dict, ctx: dict) -> None:
             {"reason": f"{type(exc).__name__}: {exc}".splitlines()[0], "time": time.time()},
         )
         raise
+
+
+def search_report(metrics: dict) -> dict:
+    """What a trial tells Ray Tune after an epoch: the epoch's metrics, with METRIC the kept checkpoint's.
+
+    The scheduler and the searcher read METRIC; the epoch's own val kappa stays under EPOCH_METRIC
+    (see :data:`mura_tune.constants.KEPT_METRIC`).
+    """
+    report = {
+        k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) and v is not None
+    }
+    if KEPT_METRIC in report:
+        report[EPOCH_METRIC] = report.get(METRIC)
+        report[METRIC] = report[KEPT_METRIC]
+    return report
 
 
 FAULT_KINDS = ("raise", "oom", "nan")

@@ -69,10 +69,13 @@ class TrainConfig:
     lr: float = 1e-3  # initial learning rate
     weight_decay: float = 0.0  # L2 (adam) or decoupled (adamw) weight decay
     batch_size: int = 32  # images per step
-    max_epochs: int = 12  # upper bound on epochs
+    max_epochs: int = 30  # upper bound on epochs (early stopping usually ends a run before it)
     class_weighting: bool = True  # MURA paper's per-body-part positive/negative weights in the BCE
     lr_factor: float = 0.2  # ReduceLROnPlateau factor on val loss
     lr_patience: int = 2  # ReduceLROnPlateau patience (epochs)
+    ema_decay: float = (
+        0.998  # evaluate and keep an exponential moving average of the weights (per step; 0 = off)
+    )
     early_stop_patience: int = 5  # stop after this many epochs without improving select_metric
     select_metric: str = (
         METRIC  # metric that picks the best checkpoint (maximised; *_loss minimised)
@@ -80,6 +83,7 @@ class TrainConfig:
     seed: int = 0  # seeds weights, shuffling and augmentation
     num_workers: int = 0  # data-loading worker processes (0 = in the training process)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # mixed precision where the hardware has it (float16 on CUDA, bfloat16 training steps on CPUs with AMX/AVX512-BF16)
     threads: int = 0  # CPU threads for torch (0 = the resources given to the trial)
 
     # ---------------------------------------------------------------------------------------
@@ -130,6 +134,7 @@ class TrainConfig:
         rule(self.lr > 0, f"lr must be > 0, got {self.lr}")
         rule(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         rule(0 < self.lr_factor < 1, f"lr_factor must be in (0, 1), got {self.lr_factor}")
+        rule(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         rule(
             self.global_pool in GLOBAL_POOLS,
             f"global_pool must be one of {', '.join(GLOBAL_POOLS)}, got {self.global_pool!r}",

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from mura_tune.constants import METRIC
+from mura_tune.constants import KEPT_METRIC, METRIC
 from mura_tune.data.cache import ImageCache, build_cache
 from mura_tune.data.loader import SplitData, batch_loader
 from mura_tune.errors import DataError
@@ -33,6 +33,7 @@ from mura_tune.layout import TrialDir, TrialStatus
 from mura_tune.metrics import split_metrics
 from mura_tune.train.checkpoint import save_checkpoint
 from mura_tune.train.config import TrainConfig
+from mura_tune.train.ema import WeightAverage
 from mura_tune.train.engine import Engine
 from mura_tune.train.models import MuraNet, build_model, count_parameters
 from mura_tune.train.weights import check_weights_split, initial_backbone_state
@@ -161,6 +162,7 @@ def run_training(
     strict: bool = False,
     verbose: bool = True,
     weights_source: str | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict:
     """Train one model; return the run summary (also written to ``summary.json``).
 
@@ -174,6 +176,9 @@ def run_training(
         strict: fail on unreadable images instead of skipping (and listing) them.
         verbose: print one progress line per epoch.
         weights_source: label recorded for the starting weights (default: derived from config).
+        should_stop: asked after every training step; once it answers True (a compute budget ran
+            out) the epoch in progress is evaluated as usual and the run ends with status
+            ``stopped``.
 
     Raises:
         TrialDiverged: the training loss became NaN/inf (status ``diverged`` is written first).
@@ -188,7 +193,7 @@ def run_training(
     config.save(run.config)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
-    engine = Engine(config.device)
+    engine = Engine(config.device, amp=config.amp)
     engine.set_threads(config.threads)
     if engine.cuda:
         torch.cuda.reset_peak_memory_stats(engine.device)
@@ -210,6 +215,9 @@ def run_training(
     )
     scaler = engine.grad_scaler()
     generator = torch.Generator().manual_seed(config.seed)
+    # The moving average is the model that is evaluated, kept and predicted with (train/ema.py).
+    ema = WeightAverage(net, config.ema_decay) if config.ema_decay > 0 else None
+    kept = ema.module if ema is not None else net
 
     history: list[dict] = []
     best = {"epoch": -1, "value": -math.inf if _maximise(config.select_metric) else math.inf}
@@ -219,6 +227,11 @@ def run_training(
         optimizer.load_state_dict(resume_state["optimizer"])
         plateau.load_state_dict(resume_state["plateau"])
         generator.set_state(resume_state["generator"])
+        if ema is not None and resume_state.get("ema") is not None:
+            ema.load_state_dict(resume_state["ema"])
+        elif ema is not None:  # a state saved without an average: start it from the resumed weights
+            ema = WeightAverage(net, config.ema_decay)
+            kept = ema.module
         history, best, start_epoch = (
             resume_state["history"],
             resume_state["best"],
@@ -252,8 +265,17 @@ def run_training(
             pin_memory=engine.cuda,
         )
         train_loss = engine.train_epoch(
-            net, batches, weighted_bce, optimizer, scaler, config.aug_strength, generator
+            net,
+            batches,
+            weighted_bce,
+            optimizer,
+            scaler,
+            config.aug_strength,
+            generator,
+            on_step=(lambda *_: ema.update(net)) if ema is not None else None,
+            stop=should_stop,
         )
+        budget_spent = should_stop is not None and should_stop()
         if not math.isfinite(train_loss):
             status = TrialStatus.DIVERGED
             history.append({"epoch": epoch + 1, "train_loss": train_loss, "status": status.value})
@@ -270,7 +292,7 @@ def run_training(
             )
             raise TrialDiverged(f"training loss became {train_loss} at epoch {epoch + 1}")
 
-        val_probs = predict(net, data, data.val, engine, config.batch_size, config.tta_flip)
+        val_probs = predict(kept, data, data.val, engine, config.batch_size, config.tta_flip)
         val_frame = data.val.table.assign(prob=val_probs)
         metrics = {
             "epoch": epoch + 1,
@@ -284,18 +306,21 @@ def run_training(
         better = value > best["value"] if _maximise(config.select_metric) else value < best["value"]
         if best["epoch"] < 0 or better:
             best = {"epoch": epoch + 1, "value": value}
-            test_probs = predict(net, data, data.test, engine, config.batch_size, config.tta_flip)
+            test_probs = predict(kept, data, data.test, engine, config.batch_size, config.tta_flip)
             test_frame = data.test.table.assign(prob=test_probs)
             best["test"] = split_metrics(test_frame, "test") if len(test_frame) else {}
             best["val"] = {k: v for k, v in metrics.items() if k.startswith("val_")}
-            save_checkpoint(run.checkpoint, net, config, epoch + 1, {config.select_metric: value})
+            save_checkpoint(run.checkpoint, kept, config, epoch + 1, {config.select_metric: value})
             write_parquet(run.predictions, pd.concat([val_frame, test_frame], ignore_index=True))
         metrics["epoch_seconds"] = time.time() - t0
         metrics["best_epoch"] = best["epoch"]
         metrics[f"best_{config.select_metric}"] = best["value"]
+        metrics[KEPT_METRIC] = best["val"].get(METRIC, math.nan)
         stop_early = epoch + 1 - best["epoch"] >= config.early_stop_patience
-        last = stop_early or epoch + 1 == config.max_epochs
-        if stop_early and epoch + 1 < config.max_epochs:
+        last = stop_early or budget_spent or epoch + 1 == config.max_epochs
+        if budget_spent:
+            status = TrialStatus.STOPPED
+        elif stop_early and epoch + 1 < config.max_epochs:
             status = TrialStatus.EARLY_STOPPED
         metrics["status"] = (status if last else TrialStatus.TRAINING).value
         metrics["trial_finished"] = last
@@ -315,6 +340,7 @@ def run_training(
                 "optimizer": optimizer.state_dict(),
                 "plateau": plateau.state_dict(),
                 "generator": generator.get_state(),
+                "ema": ema.state_dict() if ema is not None else None,
                 "history": history,
                 "best": best,
                 "epoch": epoch + 1,

@@ -178,7 +178,12 @@ def _render_all(staging: Path, jobs: list[ImageJob], seed, size, difficulty, wor
     chunk = max(8, min(64, math.ceil(len(jobs) / (workers * 4)))) if jobs else 1
     chunks = [jobs[i : i + chunk] for i in range(0, len(jobs), chunk)]
     bar = functools.partial(
-        tqdm, total=len(jobs), unit="img", desc="synth", disable=not progress, file=sys.stderr
+        tqdm,
+        total=len(jobs),
+        unit="img",
+        desc="synth",
+        disable=not progress or not sys.stderr.isatty(),
+        file=sys.stderr,
     )
     results: list = []
     if workers == 1 or len(chunks) <= 1:
