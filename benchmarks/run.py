@@ -1,6 +1,6 @@
 """The benchmark suite: every figure of the Performance table, as side-by-side ratios.
 
-    python -m benchmarks.run                    # make bench       (about 15-20 min on 2 cores)
+    python -m benchmarks.run                    # make bench       (about 65 min on 2 cores; ~35 after benchmarks.value)
     python -m benchmarks.run --full             # make bench-full  (adds `scale`, longer searches)
     python -m benchmarks.run --only loader,feed # some figures; the others keep their last values
 
@@ -73,18 +73,16 @@ def _ray_overhead(full: bool) -> dict:
     return bench_ray.run(n_trials=3, trial_epochs=2, image_size=32)
 
 
-SEARCH_BUDGET = {"quick": 90.0, "full": 300.0}
+SEARCH_BUDGET = {"quick": 600.0, "full": 600.0}
 
 
 def _search(full: bool) -> dict:
     from benchmarks import bench_search
 
-    # quick: 6 searches of 90 s keep `make bench` under 20 minutes; full: past TPE's start-up.
-    if full:
-        return bench_search.run(
-            seeds=(0, 1, 2, 3, 4), budget_s=SEARCH_BUDGET["full"], num_samples=48
-        )
-    return bench_search.run(seeds=(0, 1, 2), budget_s=SEARCH_BUDGET["quick"])
+    # 5 seeds x 2 arms of 600 CPU-seconds (reusing the value benchmark's search arms if it ran).
+    return bench_search.run(
+        seeds=(0, 1, 2, 3, 4), budget=SEARCH_BUDGET["full" if full else "quick"]
+    )
 
 
 def _scale(full: bool) -> dict:
@@ -113,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--search-budget",
         type=float,
-        help="seconds per search of search_efficiency (default 90, 300 with --full)",
+        help="CPU-seconds per search of search_efficiency (default 600)",
     )
     args = parser.parse_args(argv)
     if args.search_budget:

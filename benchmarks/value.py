@@ -4,6 +4,7 @@ recipes and random search, on test studies that can tell them apart?
     python -m benchmarks.value                   # 3 seeds x 6 arms x 600 CPU-s: ~85 min on 2 cores
     python -m benchmarks.value --seeds 0 --budget 120 --arms default,mura_tune   # a quick look
     python -m benchmarks.value --report-only     # value.json and the README table from finished arms
+    python -m benchmarks.value --rebuild-ensembles   # the same, mura-tune's ensemble rebuilt first
 
 Arms (benchmarks/arms.py), each with the same data, image size and compute (``--budget``
 CPU-seconds counted by the operating system over every process of the arm, Ray's included):
@@ -71,6 +72,22 @@ def run(seeds=SEEDS, budget: float = BUDGET, arms=ARMS) -> dict:
     started = time.perf_counter()
     launch(jobs)
     return evaluate(seeds, arms, time.perf_counter() - started)
+
+
+def rebuild_ensembles(seeds=SEEDS) -> None:
+    """Rebuild the ``mura_tune`` arm's ensemble of every finished seed (its search is kept)."""
+    import json
+
+    from benchmarks.arms import final_ensemble
+
+    for seed in seeds:
+        out = arm_dir("mura_tune", seed)
+        result = result_of(out)
+        if result is None:
+            raise SystemExit(f"mura_tune seed {seed} has not finished; nothing to rebuild in {out}")
+        result["info"]["ensemble_seconds"] = final_ensemble(out)
+        (out / "result.json").write_text(json.dumps(result, indent=2, default=str))
+        log(f"rebuilt mura-tune's ensemble, seed {seed} ({result['info']['ensemble_seconds']} s)")
 
 
 def evaluate(seeds=SEEDS, arms=ARMS, seconds: float | None = None) -> dict:
@@ -190,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--update-readme", action="store_true", help="write the table into README.md"
     )
+    parser.add_argument(
+        "--rebuild-ensembles",
+        action="store_true",
+        help="rebuild mura-tune's ensemble from the finished searches with the current code, then score (runs no arm)",
+    )
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args(argv)
     arms = tuple(a.strip() for a in args.arms.split(","))
@@ -197,7 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--arms: unknown arm {unknown[0]!r}; choose from {', '.join(ARMS)}")
     setup_env()
-    value = evaluate(args.seeds, arms) if args.report_only else run(args.seeds, args.budget, arms)
+    if args.rebuild_ensembles:
+        rebuild_ensembles(args.seeds)
+    only = args.report_only or args.rebuild_ensembles
+    value = evaluate(args.seeds, arms) if only else run(args.seeds, args.budget, arms)
     from mura_tune.io import write_json
 
     write_json(args.out, value)

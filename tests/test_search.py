@@ -266,3 +266,65 @@ def test_specialists_add_one_search_per_body_part(tiny_data, ray_session, tmp_pa
         for s in optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'spec' / 'optuna.db'}")
     }
     assert study_names == {f"spec:{scope}" for scope in ["all", *parts]}
+
+
+def test_tpe_runs_the_space_default_first_and_random_search_does_not(tmp_path):
+    from helpers import search_plan
+
+    from mura_tune.search.searcher import make_searcher
+
+    space = get_space("custom_cnn")
+    start = space.start_points("cpu", {})
+    assert start and all(k in space.dimensions(preset="cpu") for k in start[0])
+    for random_search in (False, True):
+        exp = tmp_path / f"r{random_search}"
+        exp.mkdir()
+        plan = search_plan(exp, random_search=random_search)
+        searcher = make_searcher(plan, "all", space.sampler_fn("cpu"), start)
+        first = searcher.suggest("t1")
+        if random_search:
+            assert first != start[0]  # the baseline starts from nothing
+        else:
+            assert {k: first[k] for k in start[0]} == pytest.approx(start[0])
+    # A resumed study is not given its start points again.
+    again = make_searcher(search_plan(tmp_path / "rFalse"), "all", space.sampler_fn("cpu"), start)
+    trials = again._ot_study.get_trials(deepcopy=False)
+    assert len(trials) == 1  # the first searcher's trial only: nothing enqueued twice
+
+
+def test_start_points_leave_out_what_the_user_fixed_and_what_the_preset_cannot_sample():
+    space = get_space("custom_cnn")
+    (point,) = space.start_points("cpu", {"lr": 0.01, "depth": 3})
+    assert "lr" not in point and "depth" not in point
+    assert "convs_per_cell" not in point  # the cpu preset does not search it
+    (gpu,) = space.start_points("gpu", {})
+    assert gpu["convs_per_cell"] == 1 and gpu["base_filters"] == 16
+
+
+def test_search_settings_come_from_the_preset_unless_given(tmp_path):
+    from mura_tune.search.plan import UNBOUNDED, SearchPlan
+
+    plan = SearchPlan(space="custom_cnn", preset="cpu", results=str(tmp_path))
+    assert (plan.max_epochs, plan.grace_period, plan.reduction_factor) == (30, 2, 3)
+    assert plan.fixed["image_size"] == 48 and plan.cpus_per_trial == 1.0
+    short = SearchPlan(space="custom_cnn", preset="cpu", results=str(tmp_path), max_epochs=1)
+    assert short.grace_period == 1  # the preset's rung never lies past the user's max_epochs
+    mine = SearchPlan(space="custom_cnn", preset="cpu", results=str(tmp_path), grace_period=3,
+                      reduction_factor=2)  # fmt: skip
+    assert (mine.grace_period, mine.reduction_factor) == (3, 2)
+    budget = SearchPlan(space="custom_cnn", preset="cpu", results=str(tmp_path), time_budget_s=60)
+    assert budget.num_samples == UNBOUNDED  # a time budget without a count: as many as fit
+    from mura_tune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--grace-period must be in"):
+        SearchPlan(
+            space="custom_cnn", preset="cpu", results=str(tmp_path), max_epochs=2, grace_period=3
+        )
+
+
+def test_the_search_ran_the_space_default_as_its_first_trial(experiment):
+    board = pd.read_parquet(experiment / "leaderboard.parquet")
+    first = board[board["trial_index"] == 1].iloc[0]
+    (start,) = get_space("custom_cnn").start_points("cpu", {"image_size": 32})
+    for name, value in start.items():
+        assert first[f"hp_{name}"] == pytest.approx(value), name

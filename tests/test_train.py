@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -234,3 +235,60 @@ def test_config_validation_and_round_trip(tmp_path):
     for suffix in (".yaml", ".json"):
         config.save(tmp_path / f"c{suffix}")
         assert TrainConfig.load(tmp_path / f"c{suffix}") == config
+
+
+def test_moving_average_is_the_model_kept_and_it_resumes_exactly(tiny_split, tmp_path):
+    """The checkpoint holds the average of the weights, and a run resumed from epoch 1 continues
+    the saved average (it is not restarted from the resumed weights)."""
+    table, _ = tiny_split
+    config = TrainConfig(**TINY, max_epochs=2, ema_decay=0.9, early_stop_patience=5).validate()
+    states: list[dict] = []  # copies: a state holds the live tensors (a trial saves it at once)
+    run_training(config, table, tmp_path / "a", verbose=False,
+                 on_epoch=lambda m, s: states.append(copy.deepcopy(s)))  # fmt: skip
+    first, last = states
+    assert last["ema"] is not None and last["ema"]["steps"] > first["ema"]["steps"] > 0
+    moved = [k for k, v in last["model"].items() if v.is_floating_point()]
+    assert any(not torch.equal(last["model"][k], last["ema"]["module"][k]) for k in moved)
+    blob = torch.load(tmp_path / "a" / "best.pt", weights_only=True)
+    kept = (first if blob["epoch"] == 1 else last)["ema"]["module"]
+    assert all(torch.equal(blob["state_dict"][k], kept[k]) for k in kept)  # the average is kept
+    resumed: list[dict] = []
+    run_training(config, table, tmp_path / "b", verbose=False, resume_state=first,
+                 on_epoch=lambda m, s: resumed.append(s))  # fmt: skip
+    (again,) = resumed
+    assert again["ema"]["steps"] == last["ema"]["steps"]  # the saved average's steps, continued
+    off = TrainConfig(**TINY, max_epochs=1, ema_decay=0.0).validate()
+    plain: list[dict] = []
+    run_training(off, table, tmp_path / "c", verbose=False, on_epoch=lambda m, s: plain.append(s))
+    assert plain[0]["ema"] is None
+
+
+def test_should_stop_ends_the_run_mid_epoch_and_keeps_what_it_has(tiny_split, tmp_path):
+    table, _ = tiny_split
+    asked = []
+    summary = run_training(
+        TrainConfig(**TINY, max_epochs=5).validate(), table, tmp_path, verbose=False,
+        should_stop=lambda: asked.append(1) or True,
+    )  # fmt: skip
+    assert summary["status"] == "stopped" and summary["epochs"] == 1 and summary["best_epoch"] == 1
+    assert (tmp_path / "best.pt").exists() and (tmp_path / "predictions.parquet").exists()
+    metrics = pd.read_parquet(tmp_path / "metrics.parquet")
+    assert metrics["trial_finished"].tolist() == [True]
+    assert len(asked) <= 3  # asked after the first step, and once more when the epoch ends
+
+
+def test_engine_mixed_precision_trains_only_and_evaluates_in_float32(tiny_split):
+    from mura_tune.train.engine import Engine, cpu_has_bf16
+
+    mixed, plain = Engine("cpu", amp=True), Engine("cpu", amp=False)
+    assert mixed.channels_last and plain.channels_last
+    assert mixed.cpu_bf16 == cpu_has_bf16() and not plain.cpu_bf16
+    assert not mixed.amp  # float16 AMP is for CUDA only
+    with mixed.train_autocast():
+        dtype = torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype
+    assert dtype == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
+    net = build_model(TrainConfig(**TINY))
+    x = torch.rand(4, 3, 32, 32)
+    a = mixed.logits(mixed.model(net).eval(), mixed.inputs((x[:, 0] * 255).to(torch.uint8)))
+    b = plain.logits(plain.model(net).eval(), plain.inputs((x[:, 0] * 255).to(torch.uint8)))
+    assert a.dtype == torch.float32 and torch.equal(a, b)  # evaluation: exact, whatever the CPU

@@ -99,7 +99,9 @@ def _best_trial(experiment: ExperimentDir) -> TrialDir:
 
     board = load_leaderboard(experiment.path)
     usable = board[(board["status"] != TrialStatus.ERROR) & board[METRIC].notna()]
-    usable = usable[usable["predictions_path"].notna()]
+    usable = usable[usable["predictions_path"].notna()].sort_values(
+        METRIC, ascending=False, kind="stable"
+    )
     if usable.empty:
         raise ExperimentError(f"compare: no finished trial with predictions in {experiment.path}")
     return TrialDir(Path(usable.iloc[0]["predictions_path"]).parent)
