@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--max-images", type=int, default=0, help="at most this many images per split (0: all)")
     add("--search-image-size", type=int, default=128, help="search trials' input side (128)")
     add("--search-epochs", type=int, default=2, help="epochs per search trial (2)")
+    add("--skip-search", action="store_true",
+        help="train and pretrain only, for a machine without Ray (the search checks are left out)")  # fmt: skip
     add("--results", help="folder for the search and the weights (default: a temporary one)")
     add("--out", default="gpu_check.json", help="JSON to write (default gpu_check.json)")
     return p.parse_args(argv)
@@ -67,36 +69,44 @@ def main(argv: list[str] | None = None) -> int:
         report["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
     report["train"] = _train(table, args)
     report["pretrain"] = _pretrain(table, args, results)
-    report["search"] = _search(table, args, results)
+    report["search"] = None if args.skip_search else _search(table, args, results)
     kind = torch.device(args.device).type
-    report["checks"] = {
+    checks = {
         "train_params_on_device": report["train"]["param_device"] == kind,
         "train_batches_on_device": report["train"]["batch_device"] == kind,
         # channels_last on every device; float16 AMP on CUDA only
         "train_channels_last_and_amp": report["train"]["channels_last"]
         and report["train"]["amp"] == (kind == "cuda"),
         "pretrain_on_device": report["pretrain"]["device"].startswith(kind),
-        "search_trials_on_device": all(
-            t["device"].startswith(kind) for t in report["search"]["trials"]
-        ),
-        "search_two_trials_at_once": report["search"]["max_concurrent_trials"] >= 2,
-        "search_peak_memory_recorded": all(
-            (t["peak_gpu_memory_mb"] is not None) == (kind == "cuda")
-            for t in report["search"]["trials"]
-        ),
     }
+    if report["search"] is not None:
+        checks.update(_search_checks(report["search"], kind))
+    report["checks"] = checks
     report["ok"] = all(report["checks"].values())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     for name, ok in report["checks"].items():
         print(f"{'ok  ' if ok else 'FAIL'} {name}")
+    search = report["search"]
     print(
         f"train {report['train']['train_images_per_s']:.0f} img/s, eval {report['train']['eval_images_per_s']:.0f} img/s "
-        f"at {args.image_size} px; pretrain {report['pretrain']['seconds']:.0f} s; search "
-        f"{report['search']['seconds']:.0f} s, at most {report['search']['max_concurrent_trials']} trials at once; wrote {out}"
-    )
+        f"at {args.image_size} px; pretrain {report['pretrain']['seconds']:.0f} s; "
+        + ("search skipped" if search is None else
+           f"search {search['seconds']:.0f} s, at most {search['max_concurrent_trials']} trials at once")
+        + f"; wrote {out}"
+    )  # fmt: skip
     return 0 if report["ok"] else 1
+
+
+def _search_checks(search: dict, kind: str) -> dict[str, bool]:
+    return {
+        "search_trials_on_device": all(t["device"].startswith(kind) for t in search["trials"]),
+        "search_two_trials_at_once": search["max_concurrent_trials"] >= 2,
+        "search_peak_memory_recorded": all(
+            (t["peak_gpu_memory_mb"] is not None) == (kind == "cuda") for t in search["trials"]
+        ),
+    }
 
 
 def _split_table(data: str | None, max_images: int):

@@ -320,3 +320,20 @@ def test_gpu_check_runs_every_path_on_cpu(tiny_data, ray_session, tmp_path, caps
         assert gpu_check.main([]) == 0 and capsys.readouterr().out.strip().endswith(
             "skipped: no CUDA"
         )
+
+
+def test_gpu_check_without_ray_skips_only_the_search(tiny_data, tmp_path, monkeypatch):
+    """``--skip-search`` (a GPU machine without Ray): train and pretrain are checked, the search is not run."""
+    from benchmarks import gpu_check
+
+    monkeypatch.setattr(gpu_check, "_train", lambda table, args: {
+        "param_device": "cpu", "batch_device": "cpu", "channels_last": True, "amp": False,
+        "train_images_per_s": 1.0, "eval_images_per_s": 1.0})  # fmt: skip
+    monkeypatch.setattr(gpu_check, "_pretrain", lambda *a: {"device": "cpu", "seconds": 1.0})
+    monkeypatch.setattr(gpu_check, "_search", lambda *a: pytest.fail("the search ran"))
+    out = tmp_path / "gpu_check.json"
+    code = gpu_check.main(["--device", "cpu", "--data", str(tiny_data), "--skip-search",
+                           "--results", str(tmp_path / "r"), "--out", str(out)])  # fmt: skip
+    report = json.loads(out.read_text())
+    assert code == 0 and report["ok"] and report["search"] is None
+    assert not any(name.startswith("search") for name in report["checks"])
