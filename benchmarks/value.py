@@ -139,6 +139,7 @@ def evaluate(seeds=SEEDS, arms=ARMS, seconds: float | None = None) -> dict:
             )  # fmt: skip
             paired["beats"] = paired["mean"]["ci"][0] > 0
             differences[model] = paired
+    calib = calibration(seeds, labels, test) if {"default", "random", FINAL} <= set(arms) else None
     summary = {}
     for model in models:
         mine = [r for r in rows if r["model"] == model]
@@ -155,8 +156,49 @@ def evaluate(seeds=SEEDS, arms=ARMS, seconds: float | None = None) -> dict:
         "n_test_studies": len(test_ids), "seeds": list(seeds), "budget_cpu_seconds": results[arms[0], seeds[0]]["budget_cpu_seconds"],
         "n_boot": N_BOOT, "run_seconds": None if seconds is None else round(seconds, 1),
         "machine": machine(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "summary": summary, "differences_vs_mura_tune": differences, "runs": rows,
+        "summary": summary, "differences_vs_mura_tune": differences, "calibration": calib,
+        "runs": rows,
     }  # fmt: skip
+
+
+def calibration(seeds, labels, test: dict) -> dict:
+    """Can this data tell models apart? Measured on the benchmark's own runs (no extra compute).
+
+    * resolution: the paired 95% interval of the test-kappa difference between two reasonable
+      models (the default config and mura-tune's best single model), half-width per seed;
+    * spread: across the space, the test kappa of random search's configurations that ran to
+      their own end (random draws from the space; budget-truncated trials left out): the best minus the
+      worst, and the 90th minus the 10th percentile, per seed, in units of that half-width.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from mura_tune.layout import TrialStatus
+    from mura_tune.metrics import paired_kappa_difference
+
+    half, spread = [], {}
+    for seed in seeds:
+        ci = paired_kappa_difference(
+            labels, test["default", seed], test["mura_tune_single", seed], n_boot=N_BOOT, seed=seed
+        )["per_seed"][0]["ci"]
+        half.append((ci[1] - ci[0]) / 2)
+        board = pd.read_parquet(arm_dir("random", seed) / "search" / "leaderboard.parquet")
+        done = board.loc[
+            board["status"] == TrialStatus.COMPLETED.value, "test_kappa_study"
+        ].dropna()
+        if len(done) >= 2:
+            spread[str(seed)] = {
+                "configs": len(done), "worst": float(done.min()), "best": float(done.max()),
+                "p10": float(done.quantile(0.1)), "p90": float(done.quantile(0.9)),
+            }  # fmt: skip
+    width = float(np.mean(half))
+    gaps = [v["best"] - v["worst"] for v in spread.values()]
+    return {
+        "paired_ci_half_width": {"per_seed": [round(h, 4) for h in half], "mean": round(width, 4)},
+        "random_configs_test_kappa": spread,
+        "best_minus_worst_config": round(float(np.mean(gaps)), 4) if gaps else None,
+        "gap_in_half_widths": round(float(np.mean(gaps)) / width, 1) if gaps else None,
+    }
 
 
 def table(value: dict) -> str:

@@ -60,6 +60,10 @@ def finished_arms(tmp_path, monkeypatch):
             result = {"arm": arm, "seed": seed, "budget_cpu_seconds": 60.0, "cpu_seconds": 61.0,
                       "wall_seconds": 70.0, "models": paths, "info": {"events": [], "runs": 1}}  # fmt: skip
             (out / "result.json").write_text(json.dumps(result))
+        board = pd.DataFrame({"status": ["COMPLETED", "COMPLETED", "PRUNED", "COMPLETED"],
+                              "test_kappa_study": [0.2, 0.6 + seed / 10, 0.0, 0.5]})  # fmt: skip
+        (value.arm_dir("random", seed) / "search").mkdir()
+        board.to_parquet(value.arm_dir("random", seed) / "search" / "leaderboard.parquet")
     return value
 
 
@@ -87,3 +91,13 @@ def test_unfinished_arms_are_named(finished_arms):
     shutil.rmtree(finished_arms.arm_dir("random", 1))
     with pytest.raises(SystemExit, match="random seed 1"):
         finished_arms.evaluate(seeds=(0, 1))
+
+
+def test_calibration_measures_resolution_and_spread_on_the_runs(finished_arms):
+    calib = finished_arms.evaluate(seeds=(0, 1))["calibration"]
+    half = calib["paired_ci_half_width"]
+    assert len(half["per_seed"]) == 2 and 0 < half["mean"] < 0.5
+    # the spread counts configurations that ran to their end (the PRUNED one's 0.0 is left out)
+    assert calib["random_configs_test_kappa"]["1"]["worst"] == 0.2
+    assert calib["best_minus_worst_config"] == pytest.approx((0.4 + 0.5) / 2)
+    assert calib["gap_in_half_widths"] == pytest.approx(0.45 / half["mean"], abs=0.1)
