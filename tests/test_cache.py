@@ -87,6 +87,21 @@ def test_training_batches_equal_the_uncached_path(tmp_path):
         assert labels.tolist() == [float(p) for p in pos.tolist()]
         seen += len(pos)
     assert seen == 20
+    # 19 images in batches of 6: training never gets a 1-image batch (BatchNorm cannot train on
+    # one), a different image sits out each epoch; evaluation keeps every image.
+    few = SplitData(rows=split.rows[:19], labels=split.labels[:19], weights=split.weights[:19],
+                    table=table.iloc[:19].reset_index(drop=True))  # fmt: skip
+    left_out = set()
+    for epoch in range(3):
+        sizes, seen = [], set()
+        for _, _, _, pos in batch_loader(cache, few, batch_size=6, shuffle=True, seed=epoch):
+            sizes.append(len(pos))
+            seen |= set(pos.tolist())
+        assert sizes == [6, 6, 6] and len(seen) == 18
+        left_out |= set(range(19)) - seen
+    assert len(left_out) > 1
+    sizes = [len(b[3]) for b in batch_loader(cache, few, batch_size=6, shuffle=False, seed=0)]
+    assert sizes == [6, 6, 6, 1]
 
 
 def test_reopening_and_reordering_give_the_same_cache(tmp_path):

@@ -71,10 +71,16 @@ def batch_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
 ):
-    """A DataLoader over whole batches of ``split`` (a new seeded order per call when shuffling)."""
+    """A DataLoader over whole batches of ``split`` (a new seeded order per call when shuffling).
+
+    A shuffled (training) order never ends in a batch of one image, which BatchNorm cannot train
+    on: that image is left out of this pass only (each epoch's order leaves out another one).
+    """
     order = (
         np.random.default_rng(seed).permutation(len(split)) if shuffle else np.arange(len(split))
     )
+    if shuffle and len(order) > 1 and len(order) % batch_size == 1:
+        order = order[:-1]
     dataset = CachedBatches(
         cache.path / "images.npy",
         split,
