@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -17,6 +19,7 @@ import pandas as pd
 import pytest
 from conftest import run_cli
 from ensemble_fixtures import make_experiment, make_refit
+from helpers import cli
 from test_reliability import _fingerprint, _start, _stop_group
 
 from mura_tune.data.split import NO_FOLD, assign_folds, fold_split
@@ -250,3 +253,30 @@ def test_killed_refit_resumes_to_exactly_top_times_k_fold_models(refit, tmp_path
         (m["source"], m["fold"]) for m in refit_json["fold_models"]
     )
     assert not list(folder.cv.path.glob("../trials/cv-*/resume.pt"))
+
+
+# ------------------------------------------------------------------------ errors (one line)
+def test_cv_errors_are_one_line_and_import_neither_torch_nor_ray(tmp_path):
+    fx = make_experiment(tmp_path)  # a folder with trials but no experiment.json: not a search
+    cases = [
+        (
+            ["--experiment", fx.exp, "--cv", 3],
+            ["--cv needs a search's experiment folder", str(fx.exp)],
+        ),
+        (["--experiment", fx.exp, "--cv", 1], ["--cv", "1"]),
+        (["--experiment", fx.exp, "--threshold", "0.3"], ["--threshold", "'0.3'"]),
+        (["--experiment", fx.exp, "--bags", 0], ["--bags", "0"]),
+    ]
+    for argv, phrases in cases:
+        result = cli("ensemble", *argv, "--out-root", tmp_path / "ens", timeout=120)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert lines[0].startswith("mura-tune: error: ") and "Traceback" not in result.stderr
+        assert all(p in lines[0] for p in phrases), lines[0]
+    code = (
+        "import sys\nfrom mura_tune.cli import main\n"
+        f"assert main(['ensemble', '--experiment', {str(fx.exp)!r}, '--cv', '3']) == 2\n"
+        "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
