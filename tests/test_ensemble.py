@@ -236,6 +236,24 @@ def test_specialist_used_only_above_margin(val_data):
     assert "no specialist trials for this part" in _route(val_data, 0.02)["XR_ELBOW"]["reason"]
 
 
+def test_best_single_is_by_study_kappa_whatever_the_selection_metric():
+    # The baseline is the search's own pick (the leaderboard ranks by val study kappa), also when
+    # log-loss (the default) or AUC drives the ensemble's selection.
+    from mura_tune.ensemble.candidates import Candidate, StudyProbs
+
+    y = np.tile([0, 1], 50)
+    timid = np.where(y == 1, 0.51, 0.49)  # every study right, barely: kappa 1, log-loss 0.67
+    sure = np.where(y == 1, 0.9, 0.1)
+    sure[:10] = 1 - y[:10] - (0.5 - y[:10]) * 0.2  # 10 wrong at 0.4/0.6: kappa 0.8, log-loss 0.19
+    val = StudyProbs("val", np.arange(100), np.full(100, "XR_WRIST"), y, np.stack([sure, timid]))
+    candidates = [Candidate(t, "all", None, None, 0.5) for t in ("sure", "timid")]
+    assert log_loss(y, sure) < log_loss(y, timid) and cohen_kappa(y, timid) > cohen_kappa(y, sure)
+    for metric in ("logloss", "auc", "kappa"):
+        kw = {"max_size": 5, "metric": metric, "seed": 0, "prune_top": None}
+        sel = ensemble_build.select(val, candidates, specialists=False, **kw)
+        assert candidates[sel.best_single].trial_id == "timid", metric
+
+
 def test_permuting_test_labels_changes_no_selection(tmp_path):
     fx = make_experiment(tmp_path)
     first = ensemble_build.build_ensemble(fx.exp, out_root=tmp_path / "a", n_boot=N_BOOT)

@@ -296,3 +296,18 @@ def test_predict_errors_are_one_line(search, tiny_data, tmp_path, capsys):
     code = run_cli("predict", "--ensemble", search.ens, "--data", empty, "--out", out)
     one_line_error(capsys, code, f"no images found in {empty}")
     assert not out.exists()
+
+
+def test_ensemble_flags_default_to_build_ensembles_defaults():
+    # A flag's dest is the library parameter it sets, and its default is the library's default
+    # (log-loss selection, no bagging, threshold 0.5): the CLI and the API build the same ensemble.
+    import inspect
+
+    from mura_tune.cli.commands import ENSEMBLE_FLAGS
+    from mura_tune.cli.parser import build_parser
+
+    args = build_parser().parse_args(["ensemble", "--experiment", "x"])
+    params = inspect.signature(ensemble_build.build_ensemble).parameters
+    for flag in (*ENSEMBLE_FLAGS, "cv"):
+        assert getattr(args, flag) == params[flag].default, flag
+    assert params["metric"].default == "logloss" and params["bags"].default == 1

@@ -225,7 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="most distinct models in an ensemble (AutoGluon sees no gain past ~25-40)",
     )
     p.add_argument("--specialists", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--metric", choices=["kappa", "auc", "logloss"], default="kappa")
+    p.add_argument(
+        "--metric",
+        choices=["logloss", "kappa", "auc"],
+        default="logloss",
+        help="what greedy selection optimises on the selection set (log-loss overfits it least)",
+    )
     p.add_argument(
         "--margin",
         type=number(float, 0),

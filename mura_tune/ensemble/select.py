@@ -12,7 +12,7 @@ cross-validated refit (``"oof"``, :mod:`mura_tune.ensemble.oof`); test is never 
    so in one line;
 4. with ``threshold="fit"``, each part's decision threshold is fitted on the ensemble's
    selection predictions, under the same gate (:mod:`mura_tune.ensemble.thresholds`);
-5. the baselines are picked: the best single generalist and the MURA-paper recipe (mean of the
+5. the baselines are picked: the best single generalist by study kappa and the MURA-paper recipe (mean of the
    5 lowest-loss generalists).
 """
 
@@ -25,11 +25,11 @@ import numpy as np
 
 from mura_tune.ensemble.candidates import Candidate, StudyProbs
 from mura_tune.ensemble.gates import clearly_wins, paired_gain, rule_text, too_small
-from mura_tune.ensemble.greedy import BaggedEnsemble, GreedyEnsemble, maximise, score
+from mura_tune.ensemble.greedy import BaggedEnsemble, GreedyEnsemble, score
 from mura_tune.ensemble.thresholds import THRESHOLD_MODES, fit_thresholds
 from mura_tune.errors import ConfigError, ExperimentError
 from mura_tune.layout import GENERALIST_ENSEMBLE, GENERALIST_SCOPE, SERVED_BY_PART
-from mura_tune.metrics import format_ci, log_loss
+from mura_tune.metrics import cohen_kappa, format_ci, log_loss
 
 log = logging.getLogger(__name__)
 
@@ -179,9 +179,10 @@ def select(
             f"too few {data.split} studies to choose on for {', '.join(sel.too_small)}: "
             f"the generalist ensemble and threshold 0.5 serve them (need {rule_text()})"
         )
-    sign = 1.0 if maximise(metric) else -1.0
+    # The best single model is the search's own pick (study kappa, the leaderboard's rank), whatever
+    # metric drives the ensemble's selection; ties go to the lower log-loss.
     singles = [
-        (-sign * score(data.labels, data.probs[i], metric), log_loss(data.labels, data.probs[i]), i)
+        (-cohen_kappa(data.labels, data.probs[i]), log_loss(data.labels, data.probs[i]), i)
         for i in gen
     ]
     sel.best_single = min(singles)[2]
