@@ -58,7 +58,7 @@ from mura_tune.metrics import (
 OUT = Path(__file__).resolve().parent / "ensemble_methods.json"
 #: The methods' paired test differences are taken against these two.
 SINGLE = "best-single"
-DEFAULT = "logloss-gated"
+DEFAULT = "kappa-gated"
 OLD_MARGIN = 0.02
 BAGS = 20
 

@@ -238,7 +238,7 @@ def test_specialist_used_only_above_margin(val_data):
 
 def test_best_single_is_by_study_kappa_whatever_the_selection_metric():
     # The baseline is the search's own pick (the leaderboard ranks by val study kappa), also when
-    # log-loss (the default) or AUC drives the ensemble's selection.
+    # log-loss or AUC drives the ensemble's selection.
     from mura_tune.ensemble.candidates import Candidate, StudyProbs
 
     y = np.tile([0, 1], 50)
@@ -252,6 +252,27 @@ def test_best_single_is_by_study_kappa_whatever_the_selection_metric():
         kw = {"max_size": 5, "metric": metric, "seed": 0, "prune_top": None}
         sel = ensemble_build.select(val, candidates, specialists=False, **kw)
         assert candidates[sel.best_single].trial_id == "timid", metric
+
+
+def test_an_ensemble_that_calls_every_study_the_same_is_said_in_one_line(caplog):
+    # Log-loss picked a base-rate model on a weak demo search (every study normal, kappa 0).
+    from mura_tune.ensemble.candidates import Candidate, StudyProbs
+
+    y = (np.arange(100) % 5 < 2).astype(int)
+    informative = np.where(y == 1, 0.7, 0.3)
+    for probs, warned in ((np.full(100, 0.4), True), (informative, False)):
+        val = StudyProbs("val", np.arange(100), np.full(100, "XR_WRIST"), y, probs[None, :])
+        caplog.clear()
+        kw = {"max_size": 3, "metric": "logloss", "seed": 0, "prune_top": None}
+        ensemble_build.select(
+            val, [Candidate("m", "all", None, None, 0.5)], specialists=False, **kw
+        )
+        lines = [
+            r.getMessage() for r in caplog.records if "calls every val study" in r.getMessage()
+        ]
+        assert len(lines) == int(warned), lines
+        if warned:
+            assert "every val study normal at threshold 0.5 (kappa 0); --metric kappa" in lines[0]
 
 
 def test_permuting_test_labels_changes_no_selection(tmp_path):

@@ -300,7 +300,7 @@ def test_predict_errors_are_one_line(search, tiny_data, tmp_path, capsys):
 
 def test_ensemble_flags_default_to_build_ensembles_defaults():
     # A flag's dest is the library parameter it sets, and its default is the library's default
-    # (log-loss selection, no bagging, threshold 0.5): the CLI and the API build the same ensemble.
+    # (kappa selection, no bagging, threshold 0.5): the CLI and the API build the same ensemble.
     import inspect
 
     from mura_tune.cli.commands import ENSEMBLE_FLAGS
@@ -310,4 +310,4 @@ def test_ensemble_flags_default_to_build_ensembles_defaults():
     params = inspect.signature(ensemble_build.build_ensemble).parameters
     for flag in (*ENSEMBLE_FLAGS, "cv"):
         assert getattr(args, flag) == params[flag].default, flag
-    assert params["metric"].default == "logloss" and params["bags"].default == 1
+    assert params["metric"].default == "kappa" and params["bags"].default == 1

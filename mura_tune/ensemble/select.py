@@ -29,7 +29,7 @@ from mura_tune.ensemble.greedy import BaggedEnsemble, GreedyEnsemble, score
 from mura_tune.ensemble.thresholds import THRESHOLD_MODES, fit_thresholds
 from mura_tune.errors import ConfigError, ExperimentError
 from mura_tune.layout import GENERALIST_ENSEMBLE, GENERALIST_SCOPE, SERVED_BY_PART
-from mura_tune.metrics import cohen_kappa, format_ci, log_loss
+from mura_tune.metrics import THRESHOLD, cohen_kappa, format_ci, log_loss
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,8 @@ def select(
     ens = make_ensemble(**settings).fit(data.probs[gen], data.labels, [names[i] for i in gen])
     sel = Selection(generalist=ens, generalist_rows=gen)
     gen_probs = ens.predict_proba(data.probs[gen])
+    if warn:
+        _warn_one_class(gen_probs > THRESHOLD, data.split, metric)
     whole = too_small(data.labels)
     if whole:
         sel.too_small.append(f"the whole selection set ({whole})")
@@ -195,6 +197,21 @@ def select(
             data.labels, predict(sel, data)["ensemble"], data.body_parts, n_boot, seed
         )
     return sel
+
+
+def _warn_one_class(calls: np.ndarray, split: str, metric: str) -> None:
+    """Say so when the generalist ensemble calls every selection study the same at 0.5 (kappa 0).
+
+    Log-loss and AUC ignore the threshold: on a weak search they can pick a near-constant model
+    that is well calibrated to the base rate but calls no study abnormal.
+    """
+    if calls.size and (calls.all() or not calls.any()):
+        what = "abnormal" if calls.all() else "normal"
+        hint = "; --metric kappa selects on the decisions themselves" if metric != "kappa" else ""
+        log.warning(
+            f"the ensemble selected on {split} {metric} calls every {split} study {what} "
+            f"at threshold 0.5 (kappa 0){hint}"
+        )
 
 
 def _finite(x: float) -> float | None:
