@@ -13,6 +13,11 @@ else::
         specialists/<PART>/              Ray Tune's folder of each specialist scope
         orphaned/<id>/                   trials a killed driver started but Ray never recorded
         report/                          report.html and its PNGs
+        cv/                              RefitDir: the cross-validated refit (`mura-tune ensemble --cv K`)
+            refit.json                   K, the fold seed, the configurations refit and their fold models
+            folds.parquet                the split with each train+val image's fold (test: -1)
+            fold<k>.parquet              the split fold model k trains on (its held-out fold is "val")
+            experiment_state-*.json      Ray Tune's state of the refit trials
         trials/<id>/                     TrialDir: one trial (also what `mura-tune train` writes)
             trial.json                   who ran it: params, scope, node, attempts
             config.yaml                  the TrainConfig
@@ -24,10 +29,13 @@ else::
             resume.pt                    the unfinished trial's resumable state
             recovered.json               a result only Optuna saw (written by --resume)
             skipped_images.parquet       unreadable images the run skipped
+        trials/cv-<id>-f<k>/             the fold-k model of trial <id>'s configuration (a TrialDir;
+                                         its scope is REFIT_SCOPE, its "val" the held-out fold)
     <ensembles>/<name>/                  EnsembleDir: one ensemble of an experiment
         manifest.json                    what was chosen, how, and from where (MANIFEST_KEYS)
         predictions.parquet              the ensemble's study probabilities on val and test
-        report.json                      val and test scores with intervals
+        report.json                      scores with intervals; every selection method's optimism
+        methods.parquet                  every selection method's study decisions (selection set, test)
 
 :class:`TrialStatus` is the one vocabulary of trial states, and :data:`GENERALIST_SCOPE` /
 :data:`GENERALIST_ENSEMBLE` name the generalist in a search and in a manifest.
@@ -53,6 +61,9 @@ SPECIALISTS_DIR = "specialists"
 ORPHANED_DIR = "orphaned"
 REPORT_DIR = "report"
 REPORT_HTML = "report.html"
+CV_DIR = "cv"
+REFIT_FILE = "refit.json"
+FOLDS_FILE = "folds.parquet"
 #: Ray Tune's folder of a trial inside its scope's Ray folder: ``ray-<trial id>``.
 RAY_TRIAL_PREFIX = "ray-"
 # --- trial ---------------------------------------------------------------------------------------
@@ -68,12 +79,15 @@ RECOVERED_FILE = "recovered.json"
 # --- ensemble ------------------------------------------------------------------------------------
 MANIFEST_FILE = "manifest.json"
 ENSEMBLE_REPORT_FILE = "report.json"
+METHODS_FILE = "methods.parquet"
 #: Keys of every manifest.json: ``name``, ``experiment`` (its folder), ``split_manifest``,
 #: ``settings`` (max_size, metric, seed, prune_top, specialists, margin, n_boot), ``candidates``,
 #: ``n_skipped``/``skipped``, ``routing`` (part -> served_by, scores, reason), ``ensembles``
 #: (GENERALIST_ENSEMBLE and each part -> used, val_score, best_size, n_init, members [{trial_id,
-#: scope, checkpoint_path, weight}], selection_order, trajectory) and ``baselines`` (best_single,
-#: mura_recipe).
+#: scope, checkpoint_path, weight, and for a cross-validated member ``folds``: [{trial_id,
+#: checkpoint_path}], its K fold models, averaged}], selection_order, trajectory), ``thresholds``
+#: (part -> the decision threshold on the study probability; 0.5 unless fitted) and
+#: ``baselines`` (best_single, mura_recipe).
 MANIFEST_KEYS = ("name", "experiment", "settings", "routing", "ensembles", "baselines")
 
 #: The scope of a trial that sees every body part (a specialist's scope is its part).
@@ -82,6 +96,14 @@ GENERALIST_SCOPE = "all"
 #: says it is ``served_by`` that ensemble or by its own (:data:`SERVED_BY_PART`).
 GENERALIST_ENSEMBLE = "generalist"
 SERVED_BY_PART = "part"
+#: The scope of a fold model of a cross-validated refit: it is no candidate of any single-split
+#: selection (its "val" is its held-out fold) and no trial of a search scope.
+REFIT_SCOPE = "cv"
+
+
+def fold_trial_id(source: str, fold: int) -> str:
+    """The trial id (and folder name) of the fold-``fold`` model of trial ``source``'s configuration."""
+    return f"{REFIT_SCOPE}-{source}-f{fold}"
 
 
 class TrialStatus(str, Enum):
@@ -161,6 +183,7 @@ class ExperimentDir:
     specialists = property(lambda self: self.path / SPECIALISTS_DIR)
     orphaned = property(lambda self: self.path / ORPHANED_DIR)
     report = property(lambda self: self.path / REPORT_DIR)
+    cv = property(lambda self: RefitDir(self.path / CV_DIR))
 
     def trial(self, trial_id: str) -> TrialDir:
         return TrialDir(self.path / TRIALS_DIR / trial_id)
@@ -170,8 +193,22 @@ class ExperimentDir:
         return [TrialDir(p) for p in sorted(self.trials.glob("*")) if (p / TRIAL_FILE).exists()]
 
     def ray_dirs(self) -> list[Path]:
-        """Ray Tune's folder of every scope: the experiment itself, then each specialist's."""
-        return [self.path, *sorted(p for p in self.specialists.glob("*") if p.is_dir())]
+        """Ray Tune's folder of every scope: the experiment itself, each specialist's, the refit's."""
+        refit = [self.cv.path] if self.cv.path.is_dir() else []
+        return [self.path, *sorted(p for p in self.specialists.glob("*") if p.is_dir()), *refit]
+
+
+@dataclass(frozen=True)
+class RefitDir:
+    """The cross-validated refit of an experiment: ``<results>/<name>/cv``."""
+
+    path: Path
+
+    refit = property(lambda self: self.path / REFIT_FILE)
+    folds = property(lambda self: self.path / FOLDS_FILE)
+
+    def fold_split(self, fold: int) -> Path:
+        return self.path / f"fold{fold}.parquet"
 
 
 @dataclass(frozen=True)
@@ -183,6 +220,7 @@ class EnsembleDir:
     manifest = property(lambda self: self.path / MANIFEST_FILE)
     predictions = property(lambda self: self.path / PREDICTIONS_FILE)
     report = property(lambda self: self.path / ENSEMBLE_REPORT_FILE)
+    methods = property(lambda self: self.path / METHODS_FILE)
 
 
 def study_name(experiment: str, scope: str) -> str:

@@ -146,6 +146,7 @@ def bootstrap_intervals(
     alpha: float = 0.05,
     seed: int = 0,
     auc: bool = True,
+    threshold: float | np.ndarray = THRESHOLD,
 ) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap intervals over studies for kappa, AUC, accuracy, sensitivity, specificity.
 
@@ -157,6 +158,7 @@ def bootstrap_intervals(
         seed: seeds the resampling.
         auc: also the AUC's interval (ranks every resample: most of the cost; the other
             intervals are unchanged without it).
+        threshold: a study is abnormal when its probability is above this (a number, or one per study).
 
     Returns:
         ``{metric: (low, high)}``; ``(nan, nan)`` where a metric is undefined.
@@ -170,7 +172,7 @@ def bootstrap_intervals(
         }
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, y.size, size=(n_boot, y.size))
-    yb, pb = y[idx], s[idx] > THRESHOLD
+    yb, pb = y[idx], s[idx] > np.broadcast_to(np.asarray(threshold, dtype=np.float64), s.shape)[idx]
     tp = (pb & yb).sum(1)
     fp = (pb & ~yb).sum(1)
     fn = (~pb & yb).sum(1)
@@ -212,9 +214,11 @@ def _num(x: float) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
 
 
-def _block(labels: np.ndarray, probs: np.ndarray, n_boot: int, seed: int) -> dict:
-    point = binary_metrics(labels, probs)
-    ci = bootstrap_intervals(labels, probs, n_boot=n_boot, seed=seed)
+def _block(
+    labels: np.ndarray, probs: np.ndarray, n_boot: int, seed: int, threshold: np.ndarray
+) -> dict:
+    point = binary_metrics(labels, probs, threshold)
+    ci = bootstrap_intervals(labels, probs, n_boot=n_boot, seed=seed, threshold=threshold)
     out: dict = {"n": int(len(labels)), "n_abnormal": int(np.sum(labels))}
     for name in METRIC_NAMES:
         out[name] = _num(point[name])
@@ -223,16 +227,23 @@ def _block(labels: np.ndarray, probs: np.ndarray, n_boot: int, seed: int) -> dic
 
 
 def score_studies(
-    labels: np.ndarray, probs: np.ndarray, body_parts: np.ndarray, n_boot: int = 1000, seed: int = 0
+    labels: np.ndarray,
+    probs: np.ndarray,
+    body_parts: np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
+    threshold: float | np.ndarray = THRESHOLD,
 ) -> dict:
     """Overall and per-body-part study metrics with 95% bootstrap intervals over studies.
 
     Args:
         labels: ``(S,)`` study labels, studies in a fixed order (callers sort by ``study_id``).
-        probs: ``(S,)`` study probabilities (abnormal iff > 0.5).
+        probs: ``(S,)`` study probabilities (abnormal iff > ``threshold``).
         body_parts: ``(S,)`` body part of each study.
         n_boot: bootstrap resamples.
         seed: seeds every bootstrap (the same seed for the overall and each part's figures).
+        threshold: the decision threshold: 0.5 (the MURA rule), or one per study (e.g. fitted per
+            body part); AUC does not depend on it.
 
     Returns:
         ``{"n_studies", "overall": block, "parts": {part: block}}`` where a block holds ``n``,
@@ -242,14 +253,15 @@ def score_studies(
     labels = np.asarray(labels).astype(np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     parts = np.asarray(body_parts).astype(str)
+    thr = np.broadcast_to(np.asarray(threshold, dtype=np.float64), probs.shape)
     out = {
         "n_studies": int(labels.size),
-        "overall": _block(labels, probs, n_boot, seed),
+        "overall": _block(labels, probs, n_boot, seed, thr),
         "parts": {},
     }
     for part in sorted(set(parts.tolist())):
         m = parts == part
-        out["parts"][part] = _block(labels[m], probs[m], n_boot, seed)
+        out["parts"][part] = _block(labels[m], probs[m], n_boot, seed, thr[m])
     return out
 
 

@@ -12,6 +12,7 @@ the wrist to its own ensemble. One ERROR trial and one trial without predictions
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,3 +133,62 @@ def write_submission(predictions: Path, out: Path, split: str = "test") -> Path:
         "".join(f"{s}/,{p!r}\n" for s, p in zip(df["study_id"], df["prob"].astype(float).tolist()))
     )
     return out
+
+
+# config (refit of trial) -> skill per part of its fold models
+REFIT_SKILL = {
+    "g0": {"XR_ELBOW": 1.2, "XR_HAND": 1.0, "XR_WRIST": 0.5},
+    "g1": {"XR_ELBOW": 1.0, "XR_HAND": 1.2, "XR_WRIST": 0.4},
+    "g2": {"XR_ELBOW": 0.9, "XR_HAND": 0.9, "XR_WRIST": 0.9},
+}
+
+
+def make_refit(fx: FakeExperiment, k: int = 3, seed: int = 0) -> list[str]:
+    """Add a finished ``k``-fold refit of ``REFIT_SKILL``'s configurations to a fake experiment.
+
+    Writes ``cv/folds.parquet``, ``cv/fold<f>.parquet`` and ``cv/refit.json`` as a refit does, and
+    for every (configuration, fold) ``trials/cv-<id>-f<f>/`` with a final ``summary.json`` and
+    ``predictions.parquet``: its held-out fold's images as ``val``, every test image as ``test``.
+    Returns the fold-model trial ids.
+    """
+    from mura_tune.data.split import assign_folds, fold_split
+    from mura_tune.layout import ExperimentDir, fold_trial_id
+
+    rng = np.random.default_rng(seed + 100)
+    exp = ExperimentDir(fx.exp)
+    folds = assign_folds(fx.table, k, seed=seed)
+    exp.cv.path.mkdir(parents=True, exist_ok=True)
+    for f in range(k):
+        fold_split(folds, f).to_parquet(exp.cv.fold_split(f), index=False)
+    folds.to_parquet(exp.cv.folds, index=False)
+    study_noise = pd.Series(
+        rng.normal(0.0, 1.5, folds["study_id"].nunique()), index=folds["study_id"].unique()
+    )
+    ids, fold_models = [], []
+    for source, skill in REFIT_SKILL.items():
+        for f in range(k):
+            rows = fold_split(folds, f).query("split != 'train'")
+            sign = 2 * rows["label"].to_numpy() - 1
+            logit = rows["body_part"].map(skill).to_numpy() * sign
+            logit = logit + study_noise[rows["study_id"]].to_numpy()
+            logit = logit + rng.normal(0.0, 0.3, len(rows))
+            trial = exp.trial(fold_trial_id(source, f))
+            trial.path.mkdir(parents=True)
+            preds = rows[["image_path", "study_id", "body_part", "label", "split"]]
+            preds.assign(prob=1.0 / (1.0 + np.exp(-logit))).to_parquet(
+                trial.predictions, index=False
+            )
+            (trial.summary).write_text(json.dumps({"status": "completed", "wall_seconds": 10.0}))
+            ids.append(trial.trial_id)
+            fold_models.append(
+                {"trial_id": trial.trial_id, "source": source, "fold": f, "epochs": 1}
+            )
+    refit = {
+        "k": k,
+        "seed": seed,
+        "top": len(REFIT_SKILL),
+        "sources": [{"trial_id": s, "val_kappa_study": 0.0, "best_epoch": 1} for s in REFIT_SKILL],
+        "fold_models": fold_models,
+    }
+    exp.cv.refit.write_text(json.dumps(refit))
+    return ids

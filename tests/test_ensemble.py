@@ -7,13 +7,15 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from ensemble_fixtures import make_experiment, permute_test_labels
+from ensemble_fixtures import make_experiment, make_refit, permute_test_labels
 from sklearn.metrics import cohen_kappa_score
 
 from mura_tune.ensemble import build as ensemble_build
 from mura_tune.ensemble.candidates import drop_incomplete, read_candidates
 from mura_tune.ensemble.candidates import load_study_probs as load_split
-from mura_tune.ensemble.greedy import GreedyEnsemble, score
+from mura_tune.ensemble.gates import clearly_wins, paired_gain, too_small
+from mura_tune.ensemble.greedy import BaggedEnsemble, GreedyEnsemble, score
+from mura_tune.ensemble.thresholds import best_threshold, fit_thresholds
 from mura_tune.errors import ConfigError
 from mura_tune.metrics import cohen_kappa, log_loss, roc_auc, study_table
 
@@ -234,6 +236,45 @@ def test_specialist_used_only_above_margin(val_data):
     assert "no specialist trials for this part" in _route(val_data, 0.02)["XR_ELBOW"]["reason"]
 
 
+def test_best_single_is_by_study_kappa_whatever_the_selection_metric():
+    # The baseline is the search's own pick (the leaderboard ranks by val study kappa), also when
+    # log-loss or AUC drives the ensemble's selection.
+    from mura_tune.ensemble.candidates import Candidate, StudyProbs
+
+    y = np.tile([0, 1], 50)
+    timid = np.where(y == 1, 0.51, 0.49)  # every study right, barely: kappa 1, log-loss 0.67
+    sure = np.where(y == 1, 0.9, 0.1)
+    sure[:10] = 1 - y[:10] - (0.5 - y[:10]) * 0.2  # 10 wrong at 0.4/0.6: kappa 0.8, log-loss 0.19
+    val = StudyProbs("val", np.arange(100), np.full(100, "XR_WRIST"), y, np.stack([sure, timid]))
+    candidates = [Candidate(t, "all", None, None, 0.5) for t in ("sure", "timid")]
+    assert log_loss(y, sure) < log_loss(y, timid) and cohen_kappa(y, timid) > cohen_kappa(y, sure)
+    for metric in ("logloss", "auc", "kappa"):
+        kw = {"max_size": 5, "metric": metric, "seed": 0, "prune_top": None}
+        sel = ensemble_build.select(val, candidates, specialists=False, **kw)
+        assert candidates[sel.best_single].trial_id == "timid", metric
+
+
+def test_an_ensemble_that_calls_every_study_the_same_is_said_in_one_line(caplog):
+    # Log-loss picked a base-rate model on a weak demo search (every study normal, kappa 0).
+    from mura_tune.ensemble.candidates import Candidate, StudyProbs
+
+    y = (np.arange(100) % 5 < 2).astype(int)
+    informative = np.where(y == 1, 0.7, 0.3)
+    for probs, warned in ((np.full(100, 0.4), True), (informative, False)):
+        val = StudyProbs("val", np.arange(100), np.full(100, "XR_WRIST"), y, probs[None, :])
+        caplog.clear()
+        kw = {"max_size": 3, "metric": "logloss", "seed": 0, "prune_top": None}
+        ensemble_build.select(
+            val, [Candidate("m", "all", None, None, 0.5)], specialists=False, **kw
+        )
+        lines = [
+            r.getMessage() for r in caplog.records if "calls every val study" in r.getMessage()
+        ]
+        assert len(lines) == int(warned), lines
+        if warned:
+            assert "every val study normal at threshold 0.5 (kappa 0); --metric kappa" in lines[0]
+
+
 def test_permuting_test_labels_changes_no_selection(tmp_path):
     fx = make_experiment(tmp_path)
     first = ensemble_build.build_ensemble(fx.exp, out_root=tmp_path / "a", n_boot=N_BOOT)
@@ -282,3 +323,106 @@ def test_selection_is_given_no_test_rows(built, tmp_path, monkeypatch):
     assert fits
     assert all(e[1] <= len(fx.val_studies) for e in fits)
     assert not any(e[0] == "fit" for e in events[first_test:])
+
+
+# ------------------------------------------------------- bagged selection, the member cap
+def test_max_members_caps_distinct_models():
+    probs, y = random_candidates(5, n_cand=30)
+    free = GreedyEnsemble(max_size=40).fit(probs, y)
+    capped = GreedyEnsemble(max_size=40, max_members=3).fit(probs, y)
+    assert np.count_nonzero(free.weights_) > 3
+    assert np.count_nonzero(capped.weights_) <= 3 and len(capped.trajectory_) == 40
+
+
+def test_bagged_selection_averages_bags_of_half_the_candidates():
+    probs, y = random_candidates(2, n_cand=20)
+    ens = BaggedEnsemble(n_bags=8, bag_fraction=0.5, max_size=10, seed=3).fit(probs, y)
+    assert len(ens.bags_) == 8 and all(len(b["candidates"]) == 10 for b in ens.bags_)
+    assert len({tuple(b["candidates"]) for b in ens.bags_}) > 1
+    expected = np.zeros(len(probs))
+    for bag in ens.bags_:
+        assert set(bag["members"]) <= set(bag["candidates"])
+        expected += np.bincount(bag["members"], minlength=len(probs)) / len(bag["members"]) / 8
+    np.testing.assert_allclose(ens.weights_, expected)
+    assert ens.score_ == pytest.approx(cohen_kappa(y, ens.predict_proba(probs)))
+    again = BaggedEnsemble(n_bags=8, bag_fraction=0.5, max_size=10, seed=3).fit(probs, y)
+    np.testing.assert_array_equal(again.weights_, ens.weights_)
+    one = BaggedEnsemble(n_bags=1, bag_fraction=1.0, max_size=10, seed=3).fit(probs, y)
+    np.testing.assert_allclose(
+        one.weights_, GreedyEnsemble(max_size=10, seed=3).fit(probs, y).weights_
+    )
+    capped = BaggedEnsemble(n_bags=8, max_size=10, max_members=2).fit(probs, y)
+    assert np.count_nonzero(capped.weights_) == 2 and capped.weights_.sum() == pytest.approx(1)
+    with pytest.raises(ConfigError, match=r"bag_fraction must be in \(0, 1\], got 0"):
+        BaggedEnsemble(bag_fraction=0)
+    with pytest.raises(ConfigError, match="n_bags must be an integer >= 1"):
+        BaggedEnsemble(n_bags=0)
+
+
+# ------------------------------------------------------------------- gates and thresholds
+def test_gate_needs_an_interval_above_zero():
+    y = np.array([0, 1] * 60)
+    good = np.where(y == 1, 0.8, 0.2)
+    assert paired_gain(y, good, good, n_boot=100) == (0.0, [0.0, 0.0])
+    coin = np.random.default_rng(0).random(y.size)
+    gain, ci = paired_gain(y, good, coin, n_boot=200)
+    assert gain > 0.5 and ci[0] > 0 and clearly_wins(gain, ci)
+    assert not clearly_wins(gain, ci, margin=gain)
+    assert too_small(y) is None and too_small(y[:19]) == "19 studies, 9 abnormal"
+    assert too_small(np.array([1] * 4 + [0] * 40)) == "44 studies, 4 abnormal"
+
+
+def test_fitted_threshold_only_where_it_clearly_wins():
+    rng = np.random.default_rng(0)
+    n = 300
+    y = rng.integers(0, 2, n)
+    shifted = np.clip(0.2 + 0.25 * y + rng.normal(0, 0.05, n), 0, 1)  # best cut near 0.325
+    calibrated = np.clip(0.3 + 0.4 * y + rng.normal(0, 0.05, n), 0, 1)  # 0.5 already best
+    parts = np.array(["XR_HAND"] * n + ["XR_WRIST"] * n + ["XR_ELBOW"] * 10)
+    labels = np.concatenate([y, y, y[:10]])
+    probs = np.concatenate([shifted, calibrated, shifted[:10]])
+    thresholds, details = fit_thresholds(labels, probs, parts, n_boot=200)
+    assert 0.25 < thresholds["XR_HAND"] < 0.4 and details["XR_HAND"]["gain_ci"][0] > 0
+    assert thresholds["XR_WRIST"] == 0.5 and "already" in details["XR_WRIST"]["reason"]
+    assert thresholds["XR_ELBOW"] == 0.5 and "too few studies" in details["XR_ELBOW"]["reason"]
+    assert best_threshold(y, shifted) == thresholds["XR_HAND"]
+
+
+@pytest.mark.parametrize(("n_per_part", "whole"), [(8, False), (5, True)])
+def test_too_small_selection_set_is_said_in_one_line(tmp_path, capsys, n_per_part, whole):
+    fx = make_experiment(tmp_path, n_per_part=n_per_part)
+    capsys.readouterr()
+    out = ensemble_build.build_ensemble(fx.exp, out_root=tmp_path / "e", n_boot=N_BOOT)
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "too few" in ln]
+    assert len(warnings) == 1 and warnings[0].startswith("mura-tune: too few val studies")
+    assert ("the whole selection set" in warnings[0]) == whole
+    assert f"XR_HAND ({n_per_part} studies" in warnings[0]
+    manifest = read_json(out / "manifest.json")
+    assert {r["served_by"] for r in manifest["routing"].values()} == {"generalist"}
+    assert all("too few selection studies" in r["reason"] for r in manifest["routing"].values())
+    assert set(manifest["thresholds"].values()) == {0.5}
+
+
+# --------------------------------------------- out-of-fold and bagged selection never see test
+def test_permuting_test_labels_changes_no_oof_or_bagged_selection(tmp_path):
+    fx = make_experiment(tmp_path)
+    make_refit(fx, k=3)
+    kw = {"cv": 3, "bags": 5, "threshold": "fit", "n_boot": N_BOOT}
+    first = ensemble_build.build_ensemble(fx.exp, out_root=tmp_path / "a", **kw)
+    permute_test_labels(fx.exp)  # every trial's and every fold model's test rows
+    second = ensemble_build.build_ensemble(fx.exp, out_root=tmp_path / "b", **kw)
+    m1, m2 = read_json(first / "manifest.json"), read_json(second / "manifest.json")
+    assert m1["selection"]["split"] == "oof" and "bags" in m1["ensembles"]["generalist"]
+    for key in ("ensembles", "routing", "baselines", "skipped", "thresholds", "threshold_fit"):
+        assert m1[key] == m2[key]
+    r1, r2 = read_json(first / "report.json"), read_json(second / "report.json")
+    assert set(r1["methods"]) == {
+        f"{s}-{k}{t}"
+        for s in ("val", "oof")
+        for k in ("greedy", "bagged")
+        for t in ("", "-thresholds")
+    }
+    for key, row in r1["methods"].items():  # every method's decisions: the same selection kappa
+        assert row["selection_kappa"] == r2["methods"][key]["selection_kappa"]
+    assert r1["models"]["ensemble"]["oof"] == r2["models"]["ensemble"]["oof"]
+    assert r1["models"]["ensemble"]["test"] != r2["models"]["ensemble"]["test"]

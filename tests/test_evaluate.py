@@ -123,7 +123,7 @@ def test_probability_out_of_range_raises(built, tmp_path):
 def test_load_predictions_study_level_filters_split(built):
     _, out, _ = built
     preds = load_predictions(out / "predictions.parquet", split="test")
-    assert list(preds.columns) == ["study_id", "prob"]
+    assert list(preds.columns) == ["study_id", "prob", "threshold"]  # the ensemble's decision rule
     assert preds["study_id"].str.startswith("MURA-v1.1/valid/").all()
     with pytest.raises(DataError, match="not found"):
         load_predictions(out / "nope.parquet")

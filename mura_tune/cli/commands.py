@@ -242,22 +242,32 @@ def leaderboard(args) -> int:
 
 
 # --- ensemble / evaluate / predict ------------------------------------------------------------------
-def ensemble(args) -> int:
-    from mura_tune.ensemble.build import build_ensemble, format_report
+ENSEMBLE_FLAGS = ("name", "out_root", "max_size", "max_members", "specialists", "metric")
+ENSEMBLE_FLAGS += ("margin", "seed", "bags", "bag_fraction", "threshold")
 
-    out = EnsembleDir(
-        build_ensemble(
-            args.experiment,
-            **options(
-                args, "name", "out_root", "max_size", "specialists", "metric", "margin", "seed"
-            ),
-        )
-    )
+
+def ensemble(args) -> int:
+    from mura_tune.ensemble.build import build_ensemble
+    from mura_tune.ensemble.record import format_report
+
+    if args.cv is not None:
+        from mura_tune.search.refit import RefitPlan, run_refit
+
+        refit = run_refit(RefitPlan(args.experiment, k=args.cv, top=args.top, address=args.address))
+        if refit.interrupted:
+            print(
+                "mura-tune: interrupted; finished fold models are kept. Run the same command again "
+                "to continue the refit.",
+                file=sys.stderr,
+            )
+            return refit.exit_code
+    out = EnsembleDir(build_ensemble(args.experiment, **options(args, "cv", *ENSEMBLE_FLAGS)))
     print(format_report(read_json(out.report)))
     skipped = (read_json(out.manifest) or {}).get("n_skipped", 0)
     if skipped:
         print(f"\nskipped {skipped} trials (see {out.manifest.name})")
-    paths_written(out.manifest, out.predictions, out.report)
+    methods = [out.methods] if out.methods.exists() else []
+    paths_written(out.manifest, out.predictions, out.report, *methods)
     return 0
 
 
@@ -265,8 +275,13 @@ def evaluate(args) -> int:
     from mura_tune.data.mura import read_dataset
     from mura_tune.report.evaluate import evaluate_file, format_table
 
+    thresholds = None
+    if args.ensemble:
+        from mura_tune.layout import read_manifest
+
+        thresholds = read_manifest(args.ensemble).get("thresholds") or {}
     table = read_dataset(args.data).table
-    result = evaluate_file(table, args.predictions, split=args.split)
+    result = evaluate_file(table, args.predictions, split=args.split, thresholds=thresholds)
     print_json(result) if args.json else print(format_table(result))
     return 0
 

@@ -210,18 +210,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write it to FILE.parquet")
     p.add_argument("--top", type=POSITIVE_INT, default=10)
 
-    p = sub.add_parser("ensemble", help="greedy ensemble selection on val, honest report on test")
+    p = sub.add_parser(
+        "ensemble",
+        help="greedy ensemble selection on val (or out-of-fold with --cv), honest report on test",
+    )
     p.add_argument("--experiment", required=True, help="RESULTS/EXP")
     p.add_argument("--name", help="ensembles/NAME (default: the experiment's name)")
     p.add_argument("--out-root", default="ensembles")
-    p.add_argument("--max-size", type=POSITIVE_INT, default=25)
+    p.add_argument("--max-size", type=POSITIVE_INT, default=25, help="selection steps")
+    p.add_argument(
+        "--max-members",
+        type=POSITIVE_INT,
+        default=25,
+        help="most distinct models in an ensemble (AutoGluon sees no gain past ~25-40)",
+    )
     p.add_argument("--specialists", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--metric", choices=["kappa", "auc", "logloss"], default="kappa")
+    p.add_argument(
+        "--metric",
+        choices=["kappa", "auc", "logloss"],
+        default="kappa",
+        help="what greedy selection optimises on the selection set (study kappa at 0.5: the "
+        "decisions reported; log-loss and AUC ignore the threshold)",
+    )
     p.add_argument(
         "--margin",
         type=number(float, 0),
-        default=0.02,
-        help="a part's own ensemble must beat the generalist by this",
+        default=0.0,
+        help="a part's own ensemble must also beat the generalist by this (besides its gain's "
+        "bootstrap interval lying above 0)",
+    )
+    p.add_argument(
+        "--cv",
+        metavar="K",
+        type=number(int, 2),
+        help="refit the --top configurations on K patient-grouped folds of train+val (Ray Tune "
+        "trials; running the command again resumes) and select on their out-of-fold predictions",
+    )
+    p.add_argument(
+        "--top",
+        type=POSITIVE_INT,
+        default=5,
+        help="configurations to refit with --cv (by val kappa)",
+    )
+    p.add_argument(
+        "--bags",
+        type=POSITIVE_INT,
+        default=1,
+        help="bagged selection over this many random halves of the candidates (1: plain greedy)",
+    )
+    p.add_argument("--bag-fraction", type=number(float, 0, 1, low_open=True), default=0.5)
+    p.add_argument(
+        "--threshold",
+        choices=["0.5", "fit"],
+        default="0.5",
+        help="decision threshold: 0.5 (the MURA rule) or fit one per body part on the selection set",
+    )
+    p.add_argument(
+        "--address", help="with --cv: the Ray cluster to refit on (default: the search's)"
     )
     p.add_argument("--seed", type=int, default=0)
 
@@ -233,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="MURA submission CSV, image-level or study-level Parquet/CSV",
     )
     p.add_argument("--split", choices=["test", "val"], default="test")
+    p.add_argument(
+        "--ensemble",
+        help="apply this ensemble's per-part decision thresholds (ensembles/NAME/manifest.json)",
+    )
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("predict", help="predict studies with an ensemble")

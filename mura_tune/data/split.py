@@ -4,6 +4,10 @@ The official ``valid`` set becomes ``test`` and is never used for fitting or sel
 official ``train`` set is split into ``train`` and ``val`` by *patient* (across all body parts,
 because some patients have studies of several parts), stratified by body part and label so
 that each part's abnormal rate in val stays close to train's.
+
+For a cross-validated refit, :func:`assign_folds` deals the train+val studies into ``K`` folds
+by the same rule (patients whole, across body parts; strata balanced), and :func:`fold_split`
+turns one fold into the split its fold model trains on. Test stays out of every fold.
 """
 
 from __future__ import annotations
@@ -36,16 +40,8 @@ def assign_split(table: pd.DataFrame, val_fraction: float = 0.2, seed: int = 0) 
     train = out[out["source_split"] == "train"]
     if train.empty:
         raise DataError("the dataset has no train images to split")
-    studies = train.drop_duplicates("study_id")[["study_id", "patient_id", "body_part", "label"]]
-    strata = pd.Categorical(studies["body_part"].astype(str) + ":" + studies["label"].astype(str))
-    counts = pd.crosstab(studies["patient_id"], strata.codes)  # patients × strata study counts
-    patients = counts.index.to_numpy()
-    matrix = counts.to_numpy(dtype=np.float64)
+    patients, matrix, order = _patient_strata(train, seed)
     target = val_fraction * matrix.sum(axis=0)
-
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(patients))
-    order = order[np.argsort(-matrix[order].sum(axis=1), kind="stable")]
     val_counts = np.zeros_like(target)
     in_val = np.zeros(len(patients), dtype=bool)
     for i in order:
@@ -56,6 +52,85 @@ def assign_split(table: pd.DataFrame, val_fraction: float = 0.2, seed: int = 0) 
             in_val[i] = True
     val_patients = set(patients[in_val])
     out.loc[(out["split"] == "train") & out["patient_id"].isin(val_patients), "split"] = "val"
+    return out
+
+
+def _patient_strata(images: pd.DataFrame, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Patients, their study counts per (body part, label) stratum, and the order to deal them in.
+
+    The order is a seeded random permutation, then largest patients first (stable), so the small
+    patients dealt last can even out the counts.
+    """
+    studies = images.drop_duplicates("study_id")[["study_id", "patient_id", "body_part", "label"]]
+    strata = pd.Categorical(studies["body_part"].astype(str) + ":" + studies["label"].astype(str))
+    counts = pd.crosstab(studies["patient_id"], strata.codes)  # patients × strata study counts
+    matrix = counts.to_numpy(dtype=np.float64)
+    order = np.random.default_rng(seed).permutation(len(matrix))
+    order = order[np.argsort(-matrix[order].sum(axis=1), kind="stable")]
+    return counts.index.to_numpy(), matrix, order
+
+
+#: The ``fold`` of a test image: it belongs to no fold.
+NO_FOLD = -1
+
+
+def assign_folds(split_table: pd.DataFrame, k: int, seed: int = 0) -> pd.DataFrame:
+    """Return ``split_table`` with a ``fold`` column: ``0..k-1`` for train+val images, -1 for test.
+
+    Patients are dealt whole (all their studies, of every body part, land in one fold), in the
+    order of :func:`assign_split`, each to the fold whose (body part, label) study counts it
+    brings closest to ``1/k`` of the totals (ties: the fold with fewer studies, then the lower
+    index). Each train+val study is in exactly one fold; test images are in none.
+
+    Args:
+        split_table: an image table with ``split`` (train/val/test), ``study_id``, ``patient_id``,
+            ``body_part`` and ``label``.
+        k: number of folds (>= 2).
+        seed: seeds the order patients are dealt in.
+
+    Raises:
+        ConfigError: ``k`` is not an integer >= 2, or exceeds the number of train+val patients.
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2:
+        raise ConfigError(f"--cv must be an integer >= 2, got {k!r}")
+    out = split_table.copy()
+    pool = out[out["split"].isin(["train", "val"])]
+    patients, matrix, order = _patient_strata(pool, seed)
+    if len(patients) < k:
+        raise ConfigError(
+            f"--cv {k} needs at least {k} train+val patients, the split has {len(patients)}"
+        )
+    target = matrix.sum(axis=0) / k
+    counts = np.zeros((k, matrix.shape[1]))
+    fold_of = np.empty(len(patients), dtype=np.int64)
+    for i in order:
+        # How much closer to the target each fold's counts would get with this patient in it.
+        gain = np.abs(counts - target).sum(1) - np.abs(counts + matrix[i] - target).sum(1)
+        best = np.flatnonzero(gain >= gain.max() - 1e-9)
+        f = best[np.argmin(counts[best].sum(1))]  # ties: the smaller fold, then the lower index
+        counts[f] += matrix[i]
+        fold_of[i] = f
+    fold = pd.Series(fold_of, index=patients)
+    in_pool = out["split"].isin(["train", "val"])
+    out["fold"] = NO_FOLD
+    out.loc[in_pool, "fold"] = out.loc[in_pool, "patient_id"].map(fold).to_numpy()
+    out["fold"] = out["fold"].astype(np.int64)
+    return out
+
+
+def fold_split(folds: pd.DataFrame, fold: int) -> pd.DataFrame:
+    """The split one fold model trains on: its fold becomes ``val``, the other folds ``train``.
+
+    ``val`` is the held-out fold: the fold model never selects anything on it (its predictions
+    there are out-of-fold); test rows stay ``test``.
+
+    Args:
+        folds: a table from :func:`assign_folds`.
+        fold: which fold is held out.
+    """
+    out = folds.copy()
+    pool = out["fold"] != NO_FOLD
+    out.loc[pool, "split"] = np.where(out.loc[pool, "fold"] == fold, "val", "train")
     return out
 
 

@@ -7,14 +7,14 @@ split through a Parquet row filter, so loading ``"val"`` never touches test rows
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from mura_tune.errors import ExperimentError
-from mura_tune.layout import GENERALIST_SCOPE, ExperimentDir, TrialStatus
+from mura_tune.layout import GENERALIST_SCOPE, REFIT_SCOPE, ExperimentDir, TrialStatus
 from mura_tune.metrics import study_table
 
 LEADERBOARD_COLUMNS = (
@@ -29,13 +29,18 @@ LEADERBOARD_COLUMNS = (
 
 @dataclass
 class Candidate:
-    """One usable trial: where its predictions and checkpoint are, and what it covers."""
+    """One usable trial: where its predictions and checkpoint are, and what it covers.
+
+    A configuration of a cross-validated refit is one candidate made of its K fold models
+    (``folds``; :mod:`mura_tune.ensemble.oof`): it predicts as their mean.
+    """
 
     trial_id: str
     scope: str  # GENERALIST_SCOPE or a body part (specialist)
-    predictions_path: Path
-    checkpoint_path: str
+    predictions_path: Path | None
+    checkpoint_path: str | None
     val_loss: float
+    folds: list[Candidate] = field(default_factory=list)
 
 
 @dataclass
@@ -60,6 +65,8 @@ def read_candidates(experiment: Path) -> tuple[list[Candidate], list[dict]]:
         raise ExperimentError(f"{path} lacks columns {missing}")
     candidates, skipped = [], []
     for row in board.itertuples(index=False):
+        if row.scope == REFIT_SCOPE:
+            continue  # a fold model: its val is a held-out fold (see ensemble/oof.py)
         tid = str(row.trial_id)
         pred = Path(str(row.predictions_path)) if isinstance(row.predictions_path, str) else None
         if pred is not None and not pred.is_absolute():

@@ -10,12 +10,19 @@ study is abnormal when that mean is above 0.5 (the MURA rule). Compared with aut
   (as AutoGluon does), then the lower log-loss of the resulting ensemble, then one seeded
   random order fixed at the start;
 * keeps the best prefix of the trajectory, not the last step;
+* caps the number of distinct members (``max_members``: AutoGluon's maintainers see no gain
+  past about 25-40), after which only models already chosen can be added again;
 * scores every candidate at once per step (numpy over a ``(candidates, studies)`` matrix).
+
+:class:`BaggedEnsemble` is Caruana et al.'s bagged selection: the same greedy selection on random
+subsets ("bags") of the candidates, the bags' weights averaged; auto-sklearn has no working
+version of it (its bagging path raises).
 
 Example::
 
     ens = GreedyEnsemble(max_size=25, metric="kappa").fit(val_probs, val_labels, names)
     test_probs = ens.predict_proba(test_probs_matrix)
+    bagged = BaggedEnsemble(n_bags=20, bag_fraction=0.5).fit(val_probs, val_labels, names)
 """
 
 from __future__ import annotations
@@ -106,6 +113,7 @@ class GreedyEnsemble:
         n_init: fixed size of the sorted initialisation; ``None`` chooses it on val.
         max_init: largest initialisation size tried when ``n_init`` is ``None``.
         prune_top: keep only the best ``prune_top`` single models as candidates.
+        max_members: most distinct candidates in the ensemble (``None``: no cap beyond ``max_size``).
         seed: seeds the random order that breaks full ties.
 
     Attributes (after ``fit``):
@@ -126,6 +134,7 @@ class GreedyEnsemble:
         n_init: int | None = None,
         max_init: int = 5,
         prune_top: int | None = None,
+        max_members: int | None = None,
         seed: int = 0,
     ) -> None:
         _check_int("max_size", max_size, 1)
@@ -138,12 +147,15 @@ class GreedyEnsemble:
                 )
         if prune_top is not None:
             _check_int("prune_top", prune_top, 1)
+        if max_members is not None:
+            _check_int("max_members", max_members, 1)
         _check_int("seed", seed, 0)
         self.max_size = max_size
         self.metric = check_metric(metric)
         self.n_init = n_init
         self.max_init = max_init
         self.prune_top = prune_top
+        self.max_members = max_members
         self.seed = seed
 
     # ------------------------------------------------------------------ fit
@@ -195,6 +207,8 @@ class GreedyEnsemble:
         while len(members) < self.max_size:
             k = len(members) + 1
             gain = np.nan_to_num(sign * batch_scores(Pk, total, k, y, self.metric), nan=-np.inf)
+            if self.max_members is not None and in_ens.sum() >= self.max_members:
+                gain[~in_ens[keep]] = -np.inf  # full: only a model already chosen may be added
             tied = np.flatnonzero(gain >= gain.max() - _TIE)
             chosen_tied = tied[in_ens[keep[tied]]]
             if chosen_tied.size:  # prefer a model already in the ensemble
@@ -229,7 +243,7 @@ class GreedyEnsemble:
                 )
             top = self.n_init
         else:
-            top = min(self.max_init, ranked.size, self.max_size)
+            top = min(self.max_init, ranked.size, self.max_size, self.max_members or ranked.size)
         prefix = np.cumsum(P[ranked[:top]], axis=0)  # row j: sum of the best j+1 models
         sizes = np.arange(1, top + 1, dtype=np.float64)[:, None]
         scores = batch_scores(np.zeros_like(prefix), prefix, sizes, y, self.metric)
@@ -305,3 +319,80 @@ class GreedyEnsemble:
                 "metric 'auc' needs both classes among the labels, got one class only"
             )
         return P, y.astype(bool)
+
+
+class BaggedEnsemble(GreedyEnsemble):
+    """Bagged ensemble selection (Caruana et al. 2004, section 4.3).
+
+    Greedy selection runs on ``n_bags`` random subsets of the candidates (each holds
+    ``bag_fraction`` of them, drawn without replacement from one seeded generator); the ensemble's
+    weights are the mean of the bags' weights. A bag cannot lean on the few models that happen
+    to fit the selection set best, so the average overfits it less. With more distinct members
+    than ``max_members``, the heaviest ``max_members`` are kept and their weights renormalised.
+
+    Args:
+        n_bags: number of bags (>= 1).
+        bag_fraction: share of the candidates in each bag, in (0, 1] (at least one candidate).
+        **settings: the :class:`GreedyEnsemble` settings each bag's selection uses.
+
+    Attributes (after ``fit``), besides ``weights_``, ``score_``, ``candidate_scores_``, ``names_``:
+        bags_: one dict per bag: ``candidates`` (indices), ``members`` (indices chosen, with
+            repeats), ``score`` (the bag ensemble's score).
+        members_: the candidates with a weight, heaviest first; ``best_size_`` their count.
+        trajectory_: empty (each bag has its own selection; see ``bags_``).
+    """
+
+    def __init__(self, n_bags: int = 20, bag_fraction: float = 0.5, **settings) -> None:
+        super().__init__(**settings)
+        _check_int("n_bags", n_bags, 1)
+        if not 0.0 < bag_fraction <= 1.0:
+            raise ConfigError(f"bag_fraction must be in (0, 1], got {bag_fraction!r}")
+        self.n_bags = n_bags
+        self.bag_fraction = bag_fraction
+
+    def fit(
+        self, probs: np.ndarray, labels: np.ndarray, names: Sequence[str] | None = None
+    ) -> BaggedEnsemble:
+        """Select one ensemble per bag on the given studies and average their weights.
+
+        Args, Returns and Raises: as :meth:`GreedyEnsemble.fit`.
+        """
+        P, y = self._check_inputs(probs, labels)
+        n_cand = P.shape[0]
+        names = [str(i) for i in range(n_cand)] if names is None else [str(n) for n in names]
+        if len(names) != n_cand:
+            raise ConfigError(
+                f"names must have one entry per candidate ({n_cand}), got {len(names)}"
+            )
+        settings = {
+            "max_size": self.max_size,
+            "metric": self.metric,
+            "max_init": self.max_init,
+            "prune_top": self.prune_top,
+            "max_members": self.max_members,
+            "seed": self.seed,
+        }
+        size = max(1, int(round(self.bag_fraction * n_cand)))
+        rng = np.random.default_rng(self.seed)
+        weights = np.zeros(n_cand)
+        self.bags_ = []
+        for _ in range(self.n_bags):
+            bag = np.sort(rng.choice(n_cand, size=size, replace=False))
+            ens = GreedyEnsemble(**settings).fit(P[bag], y, [names[i] for i in bag])
+            weights[bag] += ens.weights_ / self.n_bags
+            members = [int(bag[j]) for j in ens.members_]
+            self.bags_.append({"candidates": bag.tolist(), "members": members, "score": ens.score_})
+        order = np.lexsort((np.arange(n_cand), -weights))  # heaviest first, ties by index
+        if self.max_members is not None:
+            weights[order[self.max_members :]] = 0.0
+        self.weights_ = weights / weights.sum()
+        self.members_ = [int(i) for i in order if self.weights_[i] > 0]
+        self.best_size_ = len(self.members_)
+        self.names_ = names
+        self.n_candidates_ = n_cand
+        self.n_init_ = 0
+        self.trajectory_ = []
+        zeros = np.zeros(y.size)
+        self.candidate_scores_ = batch_scores(P, zeros, 1.0, y, self.metric)
+        self.score_ = score(y, self.weights_ @ P, self.metric)
+        return self

@@ -12,11 +12,14 @@ Each image is decoded once and letterboxed once per input size the members need 
 ``weights_only=True``. A member's study probability is the mean of its image probabilities
 (:func:`mura_tune.metrics.study_table`), and a study's probability is the weighted mean of the
 members of the ensemble that serves its body part (the routing in the manifest; parts without
-a routed ensemble, and ``unknown``, use the generalist ensemble). This reproduces the ensemble's
-own ``predictions.parquet`` on the experiment's studies.
+a routed ensemble, and ``unknown``, use the generalist ensemble). A member of a cross-validated
+ensemble is its K fold models (the manifest's ``folds``): its probability is their mean. This
+reproduces the ensemble's own ``predictions.parquet`` on the experiment's test studies (and on its
+val studies, for an ensemble selected on val). A study is abnormal when its probability is above
+its body part's threshold in the manifest (0.5 unless ``--threshold fit`` fitted one).
 
 Outputs: ``OUT`` (MURA submission format, ``<study path>/,<probability>``, no header),
-``OUT.parquet`` (``study_id, body_part, label, prob, n_images, served_by``),
+``OUT.parquet`` (``study_id, body_part, label, prob, n_images, served_by, threshold, abnormal``),
 ``OUT.images.parquet`` (image probabilities: the ensemble's, and ``prob_<trial_id>`` per member, nan
 where the member does not serve the image's part) and, only when some image
 could not be read, ``OUT.skipped.csv`` (``image_path, reason``).
@@ -41,7 +44,7 @@ from mura_tune.data.mura import read_dataset
 from mura_tune.errors import ConfigError, DataError, ExperimentError
 from mura_tune.io import write_parquet, write_text
 from mura_tune.layout import GENERALIST_ENSEMBLE, SERVED_BY_PART, EnsembleDir, read_manifest
-from mura_tune.metrics import study_table
+from mura_tune.metrics import THRESHOLD, study_table
 
 if TYPE_CHECKING:  # torch is imported where a model runs: a bad flag or folder fails in a second
     import torch
@@ -72,7 +75,9 @@ class Member:
 def ensemble_routes(manifest: dict) -> dict[str, list[tuple[str, str, float]]]:
     """The ensembles in use: ``{GENERALIST_ENSEMBLE | part: [(trial_id, checkpoint_path, weight)]}``.
 
-    A part appears only if the manifest's routing serves it with its own ensemble.
+    A part appears only if the manifest's routing serves it with its own ensemble. A member made
+    of K fold models (``folds``) becomes its K checkpoints, each with 1/K of its weight: the
+    weighted mean of study probabilities is linear, so this is the mean of the fold models.
     """
     ensembles, routing = manifest["ensembles"], manifest.get("routing", {})
     routes = {}
@@ -80,10 +85,18 @@ def ensemble_routes(manifest: dict) -> dict[str, list[tuple[str, str, float]]]:
         served = routing.get(key, {}).get("served_by") == SERVED_BY_PART
         if key == GENERALIST_ENSEMBLE or (served and ens.get("used", True)):
             routes[key] = [
-                (str(m["trial_id"]), str(m["checkpoint_path"]), float(m["weight"]))
+                (str(f["trial_id"]), str(f["checkpoint_path"]), float(m["weight"]) / len(folds))
                 for m in ens["members"]
+                for folds in [m.get("folds") or [m]]
+                for f in folds
             ]
     return routes
+
+
+def study_thresholds(manifest: dict, body_parts: pd.Series) -> np.ndarray:
+    """Each study's decision threshold: its body part's in the manifest, else 0.5."""
+    thresholds = manifest.get("thresholds") or {}
+    return np.array([float(thresholds.get(p, THRESHOLD)) for p in body_parts], dtype=np.float64)
 
 
 def _checkpoint_path(raw: str, trial_id: str, manifest: dict, where: Path) -> Path:
@@ -358,6 +371,9 @@ def predict_with_ensemble(
     readable = table[ok].reset_index(drop=True)
     probs = {k: v[ok] for k, v in probs.items()}
     studies, image_prob = combine(readable, route[ok], keyed, probs)
+    threshold = study_thresholds(manifest, studies["body_part"])
+    studies["threshold"] = threshold
+    studies["abnormal"] = studies["prob"].to_numpy() > threshold
 
     lost = sorted(set(table["study_id"]) - set(studies["study_id"]))
     csv = "".join(f"{s}/,{float(p)!r}\n" for s, p in zip(studies["study_id"], studies["prob"]))

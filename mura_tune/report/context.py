@@ -13,6 +13,7 @@ from mura_tune.errors import ExperimentError
 from mura_tune.io import atomic_path
 from mura_tune.layout import (
     GENERALIST_SCOPE,
+    REFIT_SCOPE,
     EnsembleDir,
     ExperimentDir,
     TrialDir,
@@ -47,6 +48,8 @@ def load_context(
     if not exp.is_dir():
         raise ExperimentError(f"--experiment {exp}: folder not found")
     board = load_leaderboard(exp)
+    if "scope" in board:  # a refit's fold models are reported with their ensemble, not as trials
+        board = board[board["scope"] != REFIT_SCOPE].reset_index(drop=True)
     folder = ExperimentDir(exp)
     out_dir = Path(out).expanduser().resolve() if out else folder.report
     ctx = Context(exp=exp, out=out_dir, board=board, plan=read_json(folder.plan) or {})

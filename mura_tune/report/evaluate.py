@@ -7,6 +7,11 @@ Three file shapes are accepted:
 * image-level Parquet/CSV with ``image_path`` and ``prob`` (averaged per study, the MURA rule);
 * study-level Parquet/CSV with ``study_id`` and ``prob`` (e.g. an ensemble's ``predictions.parquet``).
 
+A study is abnormal when its probability is above 0.5 (the MURA rule), or above its own
+``threshold`` when a study-level file has that column (an ensemble's and ``predict``'s Parquet
+files do), or above its body part's threshold in an ensemble's manifest (``--ensemble``: fitted
+thresholds apply to a submission CSV as well).
+
 :func:`mura_tune.metrics.score_studies` is the one scoring function: the ensemble report uses it
 too, so evaluating an ensemble's test predictions reproduces its ``report.json`` exactly.
 
@@ -24,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from mura_tune.errors import ConfigError, DataError
-from mura_tune.metrics import METRIC_NAMES, format_ci, score_studies
+from mura_tune.metrics import METRIC_NAMES, THRESHOLD, format_ci, score_studies
 
 ROOT_MARK = "MURA-v1.1/"
 EVAL_SPLITS = ("val", "test")
@@ -40,6 +45,8 @@ def format_table(result: dict) -> str:
         }
     ).T
     head = f"split={result.get('split', '?')}  studies={result['n_studies']}  95% bootstrap CIs over studies"
+    if result.get("thresholds", "0.5") != "0.5":
+        head += f"  (abnormal above {result['thresholds']})"
     return head + "\n" + frame.to_string()
 
 
@@ -119,7 +126,7 @@ def load_predictions(
     if shape == "image":
         frame = _images_to_studies(frame, table, path)
     else:
-        frame = frame[["study_id", "prob"]].copy()
+        frame = frame[["study_id", "prob", *(["threshold"] if "threshold" in frame else [])]].copy()
         frame["study_id"] = frame["study_id"].astype(str).str.rstrip("/")
         dup = frame["study_id"].duplicated()
         if dup.any():
@@ -132,6 +139,10 @@ def load_predictions(
             f"(first: {frame['study_id'].iloc[int(np.argmax(bad))]} = {frame['prob'].iloc[int(np.argmax(bad))]!r})"
         )
     out = pd.DataFrame({"study_id": frame["study_id"].to_numpy(), "prob": prob})
+    if "threshold" in frame:
+        out["threshold"] = pd.to_numeric(frame["threshold"], errors="coerce").to_numpy()
+        if not out["threshold"].between(0, 1).all():
+            raise DataError(f"thresholds in {path} must be in [0, 1]")
     out.attrs["format"] = shape
     return out.sort_values("study_id", kind="stable").reset_index(drop=True)
 
@@ -195,6 +206,7 @@ def evaluate_file(
     split: str = "test",
     n_boot: int = 1000,
     seed: int = 0,
+    thresholds: dict[str, float] | None = None,
 ) -> dict:
     """Score a predictions file on one split of the dataset, per study.
 
@@ -205,9 +217,12 @@ def evaluate_file(
         split: ``"test"`` (default) or ``"val"``.
         n_boot: bootstrap resamples for the 95% intervals.
         seed: bootstrap seed.
+        thresholds: body part -> decision threshold (an ensemble manifest's ``thresholds``);
+            default: the file's ``threshold`` column if it has one, else 0.5.
 
     Returns:
-        ``{"predictions", "format", "split", "n_boot", "seed"}`` plus :func:`score_studies`' result.
+        ``{"predictions", "format", "split", "thresholds", "n_boot", "seed"}`` plus
+        :func:`score_studies`' result.
 
     Raises:
         DataError: predictions for studies outside the split, studies of the split without a
@@ -240,8 +255,16 @@ def evaluate_file(
             f"{len(missing)} of {len(truth)} {split} studies have no prediction in {predictions} "
             f"(first: {missing.iloc[0]}); every study must be predicted"
         )
+    if thresholds is not None:
+        threshold = merged["body_part"].map(lambda p: thresholds.get(p, THRESHOLD)).to_numpy()
+        rule = "the ensemble manifest's per-part thresholds"
+    elif "threshold" in merged:
+        threshold, rule = merged["threshold"].to_numpy(), "the file's threshold column"
+    else:
+        threshold, rule = THRESHOLD, "0.5"
     scores = score_studies(
-        merged["label"], merged["prob"], merged["body_part"], n_boot=n_boot, seed=seed
-    )
-    head = {"predictions": str(predictions), "format": shape, "split": split}
+        merged["label"], merged["prob"], merged["body_part"], n_boot=n_boot, seed=seed,
+        threshold=np.asarray(threshold, dtype=np.float64),
+    )  # fmt: skip
+    head = {"predictions": str(predictions), "format": shape, "split": split, "thresholds": rule}
     return {**head, "n_boot": n_boot, "seed": seed, **scores}

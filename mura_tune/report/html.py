@@ -6,7 +6,8 @@
 Sections: leaderboard, learning curves (ASHA's cuts marked), best-so-far against wall time,
 hyperparameter importance (Optuna) with a plot per important parameter, test ROC curves,
 study kappa per body part against the MURA paper, the ensemble's trajectory and weights, the
-specialist routing, and Grad-CAMs of right and wrong test studies. A missing input (no
+specialist routing (gains with intervals, thresholds), the selection methods' selection-set
+against test kappa, and Grad-CAMs of right and wrong test studies. A missing input (no
 ensemble, too few trials, images moved) turns its section into a note, never a crash.
 The page has no network dependency: no scripts, fonts or styles are fetched.
 """
@@ -24,6 +25,7 @@ import pandas as pd
 from mura_tune.constants import METRIC
 from mura_tune.io import write_text
 from mura_tune.layout import REPORT_HTML, SERVED_BY_PART, ExperimentDir
+from mura_tune.metrics import format_ci
 from mura_tune.report import plots
 from mura_tune.report.context import Context, load_context, note, table, test_studies
 
@@ -39,6 +41,7 @@ SECTIONS = {
     "body-parts": "Study kappa per body part",
     "ensemble": "Ensemble trajectory and member weights",
     "routing": "Specialist routing",
+    "methods": "Selection methods: selection set against test",
     "cam": "Class activation maps",
 }
 _CSS = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -83,7 +86,7 @@ def write_report(
     ctx = load_context(experiment, ensemble, out)
     body = [_header(ctx)]
     steps = [_leaderboard, plots.learning_curves, plots.wall_time, plots.importance, plots.roc]
-    steps += [plots.body_parts, plots.ensemble_trajectory, _routing, _cams]
+    steps += [plots.body_parts, plots.ensemble_trajectory, _routing, _methods, _cams]
     for step, (key, title) in tqdm(
         list(zip(steps, SECTIONS.items())), desc="report", unit="section", file=sys.stderr
     ):
@@ -144,13 +147,57 @@ def _routing(ctx: Context) -> str:
                 "served by": r["served_by"],
                 "val studies": r["n_val_studies"],
                 "specialists": r["n_specialists"],
-                "generalist val": r["generalist_val_score"],
-                "part ensemble val": r["part_val_score"],
+                "generalist": r["generalist_val_score"],
+                "part ensemble": r["part_val_score"],
+                "gain [95% CI]": format_ci(r.get("gain"), r.get("gain_ci")),
+                "threshold": ctx.manifest.get("thresholds", {}).get(part, 0.5),
                 "members": members,
                 "reason": r["reason"],
             }
         )
-    return table(pd.DataFrame(rows))
+    split = ctx.manifest.get("selection", {}).get("split", "val")
+    return (
+        f"<p>Scores on the selection set ({html.escape(split)}). A part is served by its own "
+        "ensemble only when the paired bootstrap interval of its gain lies above 0.</p>\n"
+        + table(pd.DataFrame(rows))
+    )
+
+
+def _methods(ctx: Context) -> str:
+    if ctx.ens_report is None:
+        return note("no ensemble given (--ensemble ensembles/NAME): no selection methods to show")
+    methods = ctx.ens_report.get("methods")
+    if not methods:
+        return note("the ensemble was built without the comparison of selection methods")
+    rows = [
+        {
+            "method": ("* " if m["chosen"] else "") + m["name"],
+            "selection studies": m["n_selection_studies"],
+            "selection kappa": m["selection_kappa"],
+            "test kappa [95% CI]": format_ci(m["test_kappa"], m["test_kappa_ci"]),
+            "optimism": m["optimism"],
+            "test difference vs val-split greedy [95% CI]": format_ci(
+                m["vs_reference"]["diff"], m["vs_reference"]["ci"]
+            ),
+        }
+        for m in methods.values()
+    ]
+    text = (
+        "<p>Each method's kappa on the studies it selected on, against its kappa on held-out test; "
+        "the optimism is their difference. The last column is the paired bootstrap difference in "
+        "test kappa against the single-split greedy ensemble (the same resampled test studies for "
+        "both). * marks this ensemble's method; test chose nothing.</p>\n"
+        + table(pd.DataFrame(rows))
+    )
+    cv = ctx.ens_report.get("cv")
+    if cv:
+        multiple = cv["compute"]["multiple"]
+        text += (
+            f"<p>Cross-validated refit: {cv['configurations']} configuration(s) x {cv['k']} folds = "
+            f"{cv['fold_models']} fold models, {format_ci(multiple)}x the search's compute "
+            "(trial wall time).</p>"
+        )
+    return text
 
 
 def _cams(ctx: Context) -> str:

@@ -354,16 +354,25 @@ def ensemble_trajectory(ctx: Context) -> str:
     ens = ctx.manifest["ensembles"][GENERALIST_ENSEMBLE]
     traj = pd.DataFrame(ens["trajectory"])
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
-    for phase, marker in (("init", "s"), ("greedy", "o")):
-        sel = traj[traj["phase"] == phase] if "phase" in traj else traj
-        ax.plot(sel["size"], sel["score"], marker=marker, ms=4, lw=0, label=f"{phase} step")
-    ax.plot(traj["size"], traj["score"], color="tab:blue", lw=1)
-    ax.axvline(ens["best_size"], color="0.5", ls=":", label=f"kept: first {ens['best_size']} steps")
-    ax.set(
-        xlabel="ensemble size (selection steps)",
-        ylabel=f"val {ctx.manifest['settings']['metric']}",
-        title="Generalist selection trajectory (val)",
-    )
+    split = ctx.manifest.get("selection", {}).get("split", "val")
+    metric = f"{split} {ctx.manifest['settings']['metric']}"
+    if traj.empty:  # bagged selection: one greedy selection per bag, their weights averaged
+        bags = ens.get("bags", [])
+        ax.bar(range(1, len(bags) + 1), [b["score"] for b in bags], color="tab:blue")
+        ax.axhline(ens["val_score"], color="0.3", ls=":", label="the averaged ensemble")
+        ax.set(xlabel="bag", ylabel=metric, title="Bagged selection: each bag's ensemble")
+    else:
+        for phase, marker in (("init", "s"), ("greedy", "o")):
+            sel = traj[traj["phase"] == phase] if "phase" in traj else traj
+            ax.plot(sel["size"], sel["score"], marker=marker, ms=4, lw=0, label=f"{phase} step")
+        ax.plot(traj["size"], traj["score"], color="tab:blue", lw=1)
+        kept = f"kept: first {ens['best_size']} steps"
+        ax.axvline(ens["best_size"], color="0.5", ls=":", label=kept)
+        ax.set(
+            xlabel="ensemble size (selection steps)",
+            ylabel=metric,
+            title=f"Generalist selection trajectory ({split})",
+        )
     ax.legend(fontsize=8)
     names = [m["trial_id"] for m in ens["members"]][::-1]
     bx.barh(names, [m["weight"] for m in ens["members"]][::-1], color="tab:green")

@@ -34,6 +34,8 @@ FIRST_COLUMNS = [
     "trial_id",
     "space",
     "scope",
+    "refit_of",
+    "fold",
     "status",
     "reason",
     "epochs",
@@ -147,7 +149,8 @@ def build_leaderboard(exp_dir: str | Path, write: bool = True) -> pd.DataFrame:
         summary = read_json(trial.summary)
         error = read_json(trial.error)
         recovered = read_json(trial.recovered)
-        status, reason = _status(ray_states.get(meta["trial_id"]), summary, error, recovered)
+        ray_state = ray_states.get(meta.get("ray_trial_id") or meta["trial_id"])
+        status, reason = _status(ray_state, summary, error, recovered)
         row = {
             "experiment": exp.path.name,
             "trial_id": meta["trial_id"],
@@ -204,7 +207,9 @@ def build_leaderboard(exp_dir: str | Path, write: bool = True) -> pd.DataFrame:
         attempts = meta.get("attempts") or [{"node_id": meta.get("node_id")}]
         row["attempts"] = len(attempts)
         row["node_ids"] = ",".join(dict.fromkeys(str(a.get("node_id")) for a in attempts))
-        row["failures"] = int((ray_states.get(meta["trial_id"]) or {}).get("failures", 0))
+        row["failures"] = int((ray_state or {}).get("failures", 0))
+        if "refit_of" in meta:  # a fold model of a cross-validated refit (search/refit.py)
+            row["refit_of"], row["fold"] = meta["refit_of"], int(meta["fold"])
         row["weights_source"] = (summary or {}).get("weights_source") or meta.get("weights_source")
         row["trial_dir"] = str(trial.path)
         rows.append(row)
@@ -217,6 +222,17 @@ def build_leaderboard(exp_dir: str | Path, write: bool = True) -> pd.DataFrame:
         ["_error", METRIC], ascending=[True, MODE == "min"], na_position="last", kind="stable"
     )
     board = board.drop(columns="_error").reset_index(drop=True)
+    if "refit_of" in board:
+        # Fold models come after the search's trials (their val is a held-out fold, not the search's
+        # val), in the order of the configuration they refit, then by fold.
+        search = board[board["refit_of"].isna()]
+        order = {t: i for i, t in enumerate(search["trial_id"])}
+        refits = board[board["refit_of"].notna()]
+        refits = refits.assign(_by=refits["refit_of"].map(order)).sort_values(
+            ["_by", "refit_of", "fold"], kind="stable"
+        )
+        board = pd.concat([search, refits.drop(columns="_by")], ignore_index=True)
+        board["fold"] = board["fold"].astype("Int64")
     board.insert(0, "rank", np.arange(1, len(board) + 1))
     ordered = (
         ["rank"]

@@ -49,7 +49,8 @@ def trial_main(params: dict, ctx: dict) -> None:
     from ray import tune
 
     context = tune.get_context()
-    trial_id = context.get_trial_id()
+    # A fold model of a refit (search/refit.py) has a folder named by its job, not by Ray's id.
+    trial_id = ctx.get("trial_id") or context.get_trial_id()
     index = trial_index(context.get_trial_name())
     trial = ExperimentDir(Path(ctx["exp_dir"])).trial(trial_id)
     trial.path.mkdir(parents=True, exist_ok=True)
@@ -95,6 +96,7 @@ def trial_main(params: dict, ctx: dict) -> None:
         "params": params,
         "node_id": node_id,
         "weights_source": ctx.get("weights_source"),
+        **ctx.get("meta", {}),  # a refit's fold, source trial and hyperparameters
         "started": previous.get("started", attempt["started"]),
         "attempts": [*previous.get("attempts", []), attempt],
     }
