@@ -96,6 +96,9 @@ def evaluate(seeds=SEEDS, arms=ARMS, seconds: float | None = None) -> dict:
     import pandas as pd
 
     from mura_tune.metrics import bootstrap_intervals, cohen_kappa, paired_kappa_difference, roc_auc
+    from mura_tune.report.compare import ModelPredictions
+
+    decided = ModelPredictions.decided
 
     results = {(arm, s): result_of(arm_dir(arm, s)) for arm in arms for s in seeds}
     missing = [f"{a} seed {s}" for (a, s), r in results.items() if r is None]
@@ -116,15 +119,19 @@ def evaluate(seeds=SEEDS, arms=ARMS, seconds: float | None = None) -> dict:
             test_ids, labels = ids, t["label"].to_numpy()
         if ids != test_ids:
             raise SystemExit(f"{model} seed {seed} predicted other test studies")
-        test[model, seed] = t["prob"].to_numpy(dtype=np.float64)
-        ci = bootstrap_intervals(labels, test[model, seed], n_boot=N_BOOT, seed=seed)
+        raw = t["prob"].to_numpy(dtype=np.float64)
+        test[model, seed] = decided(t)  # kappa at the model's own thresholds (0.5 unless fitted)
+        ci = bootstrap_intervals(labels, raw, n_boot=N_BOOT, seed=seed)
+        ci["kappa"] = bootstrap_intervals(labels, test[model, seed], N_BOOT, seed=seed, auc=False)[
+            "kappa"
+        ]
         arm = next(a for a in arms if model in MODELS[a])
         result = results[arm, seed]
         rows.append({
             "model": model, "arm": arm, "seed": seed,
-            "val_kappa": cohen_kappa(v["label"], v["prob"]),
+            "val_kappa": cohen_kappa(v["label"], decided(v)),
             "test_kappa": cohen_kappa(labels, test[model, seed]), "test_kappa_ci": list(ci["kappa"]),
-            "test_auc": roc_auc(labels, test[model, seed]), "test_auc_ci": list(ci["auc"]),
+            "test_auc": roc_auc(labels, raw), "test_auc_ci": list(ci["auc"]),
             "cpu_seconds": result["cpu_seconds"], "wall_seconds": result["wall_seconds"],
             "info": {k: v for k, v in result["info"].items() if k != "events"},
         })  # fmt: skip

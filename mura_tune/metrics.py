@@ -75,6 +75,19 @@ def cohen_kappa(labels, probs, threshold: float = THRESHOLD) -> float:
     return float(kappa_batch(labels, np.asarray(probs) > threshold))
 
 
+def at_half(probs, threshold) -> np.ndarray:
+    """``probs`` rescaled (piecewise linearly, per study) so that each study's ``threshold`` maps
+    to 0.5: every kappa computed at 0.5 on the result is the kappa at those thresholds, so the
+    kappa-only tools (paired differences, resamples) serve models with fitted thresholds too.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    t = np.broadcast_to(np.asarray(threshold, dtype=np.float64), p.shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        above = 0.5 + 0.5 * (p - t) / (1 - t)
+        below = np.where(t > 0, 0.5 * p / t, 0.5)
+    return np.where(p > t, above, below)
+
+
 def roc_auc(labels, probs) -> float:
     """ROC AUC, or ``nan`` when only one class is present."""
     # scikit-learn takes seconds to import: only once there is an AUC to compute, so that importing

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import run_cli
@@ -92,3 +93,24 @@ def test_bad_compare_input_is_one_line(three, tmp_path, capsys, args, needle):
     assert run_cli("compare", *[a.format(**paths) for a in args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
+
+
+def test_fitted_thresholds_decide_the_kappa_and_leave_the_auc_alone():
+    from mura_tune.metrics import at_half, cohen_kappa, roc_auc
+    from mura_tune.report.compare import ModelPredictions, compare
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+    probs = np.clip(0.3 * labels + rng.uniform(0, 0.6, 300), 0, 1)
+    thresholds = np.where(np.arange(300) % 2, 0.3, 0.45)
+    assert cohen_kappa(labels, at_half(probs, thresholds)) == cohen_kappa(labels, probs, thresholds)
+    assert at_half(np.array([0.0, 0.2, 1.0]), np.array([0.0, 1.0, 1.0])).tolist() == [0.5, 0.1, 0.5]
+    studies = pd.DataFrame({"split": "test", "study_id": [f"s{i:03d}" for i in range(300)],
+                            "body_part": "XR_HAND", "label": labels, "prob": probs})  # fmt: skip
+    plain = ModelPredictions("at 0.5", "ensemble", "a", studies)
+    fitted = ModelPredictions("fitted", "ensemble", "b", studies.assign(threshold=thresholds))
+    rows = compare([plain, fitted], n_boot=200)["models"]
+    assert rows[0]["test_kappa"] == pytest.approx(cohen_kappa(labels, probs))
+    assert rows[1]["test_kappa"] == pytest.approx(cohen_kappa(labels, probs, thresholds))
+    assert rows[1]["test_auc"] == pytest.approx(roc_auc(labels, probs)) == rows[0]["test_auc"]
+    assert rows[1]["diff"] == pytest.approx(rows[1]["test_kappa"] - rows[0]["test_kappa"])

@@ -28,6 +28,7 @@ from mura_tune.constants import METRIC
 from mura_tune.errors import ExperimentError
 from mura_tune.layout import EnsembleDir, ExperimentDir, TrialDir, TrialStatus
 from mura_tune.metrics import (
+    at_half,
     bootstrap_intervals,
     cohen_kappa,
     format_ci,
@@ -37,6 +38,8 @@ from mura_tune.metrics import (
 )
 
 STUDY_COLUMNS = ["split", "study_id", "body_part", "label", "prob"]
+#: An ensemble's file may carry per-study thresholds (``--threshold fit``); 0.5 otherwise.
+THRESHOLD = "threshold"
 
 
 @dataclass
@@ -51,6 +54,12 @@ class ModelPredictions:
     def split(self, split: str) -> pd.DataFrame:
         rows = self.studies[self.studies["split"] == split]
         return rows.sort_values("study_id", kind="stable").reset_index(drop=True)
+
+    @staticmethod
+    def decided(rows: pd.DataFrame) -> np.ndarray:
+        """``rows``' probabilities with each study's threshold at 0.5 (see metrics.at_half)."""
+        probs = rows["prob"].to_numpy(dtype=np.float64)
+        return at_half(probs, rows[THRESHOLD].to_numpy(np.float64)) if THRESHOLD in rows else probs
 
 
 def load_predictions(path: str | Path, name: str | None = None) -> ModelPredictions:
@@ -67,9 +76,9 @@ def load_predictions(path: str | Path, name: str | None = None) -> ModelPredicti
     name = name or folder.name
     ensemble = EnsembleDir(folder)
     if ensemble.manifest.is_file():
-        return ModelPredictions(
-            name, "ensemble", str(folder), _read(ensemble.predictions)[STUDY_COLUMNS]
-        )
+        studies = _read(ensemble.predictions)
+        keep = STUDY_COLUMNS + ([THRESHOLD] if THRESHOLD in studies else [])
+        return ModelPredictions(name, "ensemble", str(folder), studies[keep])
     experiment = ExperimentDir(folder)
     if experiment.leaderboard.is_file() or experiment.trials.is_dir():
         trial = _best_trial(experiment)
@@ -133,25 +142,27 @@ def compare(models: list[ModelPredictions], n_boot: int = 2000, seed: int = 0) -
     labels = tests[0]["label"].to_numpy()
     rows = []
     for model, test in zip(models, tests):
-        probs = test["prob"].to_numpy(dtype=np.float64)
-        ci = bootstrap_intervals(labels, probs, n_boot=n_boot, seed=seed)
+        probs, decided = test["prob"].to_numpy(dtype=np.float64), model.decided(test)
+        kappa_ci = bootstrap_intervals(labels, decided, n_boot=n_boot, seed=seed, auc=False)
+        auc_ci = bootstrap_intervals(labels, probs, n_boot=n_boot, seed=seed)
         val = model.split("val")
         row = {
             "name": model.name,
             "kind": model.kind,
             "source": model.source,
-            "val_kappa": cohen_kappa(val["label"], val["prob"]) if len(val) else math.nan,
-            "test_kappa": cohen_kappa(labels, probs),
-            "test_kappa_ci": list(ci["kappa"]),
+            "val_kappa": cohen_kappa(val["label"], model.decided(val)) if len(val) else math.nan,
+            "test_kappa": cohen_kappa(labels, decided),
+            "test_kappa_ci": list(kappa_ci["kappa"]),
             "test_auc": roc_auc(labels, probs),
-            "test_auc_ci": list(ci["auc"]),
+            "test_auc_ci": list(auc_ci["auc"]),
             "diff": None,
             "diff_ci": None,
         }
         if rows:
-            paired = paired_kappa_difference(
-                labels, probs, tests[0]["prob"].to_numpy(dtype=np.float64), n_boot=n_boot, seed=seed
-            )["mean"]
+            reference = models[0].decided(tests[0])
+            paired = paired_kappa_difference(labels, decided, reference, n_boot=n_boot, seed=seed)[
+                "mean"
+            ]
             row["diff"], row["diff_ci"] = paired["diff"], paired["ci"]
         rows.append(row)
     return {
