@@ -103,8 +103,12 @@ def build_tuner(
 
     ray_dir = plan.ray_dir(scope)
     space = get_space(plan.space)
+    # Dimensions the user fixed (--set) are not searched: the space sees their fixed values.
     searcher = make_searcher(
-        plan, scope, space.sampler_fn(plan.preset), space.start_points(plan.preset, plan.overrides)
+        plan,
+        scope,
+        space.sampler_fn(plan.preset, fixed=plan.overrides),
+        space.start_points(plan.preset, plan.overrides),
     )
     reporter = tune.CLIReporter(
         metric_columns=REPORT_COLUMNS,
@@ -157,7 +161,7 @@ def concurrency(plan: SearchPlan) -> int:
 
 
 def _report_params(space, plan) -> list[str]:
-    return sorted(space.dimensions(preset=plan.preset))[:4]
+    return sorted(space.dimensions(preset=plan.preset, fixed=plan.overrides))[:4]
 
 
 @dataclass
