@@ -5,6 +5,8 @@ else::
 
     <results>/<name>/                    ExperimentDir: one search (all its scopes)
         experiment.json                  the SearchPlan
+        .driver.lock                     held by the one driver running the experiment
+        ray.log                          Ray's own log of the driver (trial tracebacks)
         split.parquet                    the one split every trial, ensemble and report uses
         skipped_images.parquet           unreadable images, when there are any
         optuna.db                        Optuna's study of each scope (``<name>:<scope>``)
@@ -53,6 +55,8 @@ SPECIALISTS_DIR = "specialists"
 ORPHANED_DIR = "orphaned"
 REPORT_DIR = "report"
 REPORT_HTML = "report.html"
+DRIVER_LOCK = ".driver.lock"
+RAY_LOG_FILE = "ray.log"
 #: Ray Tune's folder of a trial inside its scope's Ray folder: ``ray-<trial id>``.
 RAY_TRIAL_PREFIX = "ray-"
 # --- trial ---------------------------------------------------------------------------------------
@@ -161,6 +165,8 @@ class ExperimentDir:
     specialists = property(lambda self: self.path / SPECIALISTS_DIR)
     orphaned = property(lambda self: self.path / ORPHANED_DIR)
     report = property(lambda self: self.path / REPORT_DIR)
+    lock = property(lambda self: self.path / DRIVER_LOCK)
+    ray_log = property(lambda self: self.path / RAY_LOG_FILE)
 
     def trial(self, trial_id: str) -> TrialDir:
         return TrialDir(self.path / TRIALS_DIR / trial_id)

@@ -209,10 +209,12 @@ def search(args) -> int:
     if result.leaderboard is not None:
         print(format_leaderboard(result.leaderboard, top=5))
         paths_written(exp / "leaderboard.parquet")
-    else:
+    elif not result.failed:
         print(f"mura-tune: {result.note}", file=sys.stderr)
     print(f"experiment folder: {exp}  (Optuna study: {exp / 'optuna.db'})")
-    if result.interrupted:
+    if result.failed:
+        print(f"mura-tune: error: {result.failed}", file=sys.stderr)
+    elif result.interrupted:
         print(
             f"mura-tune: interrupted; finished trials are kept. Resume with: {plan.resume_command()}",
             file=sys.stderr,
