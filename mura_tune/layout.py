@@ -109,6 +109,7 @@ class TrialStatus(str, Enum):
     RUNNING = "RUNNING"
     PENDING = "PENDING"
     PAUSED = "PAUSED"
+    DAMAGED = "DAMAGED"  # a file of the trial cannot be read: named in its reason, never a score
 
     def __str__(self) -> str:
         return self.value
@@ -118,6 +119,8 @@ class TrialStatus(str, Enum):
 
 #: A run that ended with a score (its summary.json is final).
 RUN_ENDED = (TrialStatus.FINISHED, TrialStatus.EARLY_STOPPED, TrialStatus.STOPPED)
+#: Trials that have no score, whatever their files say: they rank last and are never ensembled.
+NO_SCORE = (TrialStatus.ERROR, TrialStatus.DAMAGED)
 #: Trials Ray Tune has not finished.
 UNFINISHED = (TrialStatus.PENDING, TrialStatus.RUNNING, TrialStatus.PAUSED)
 

@@ -38,10 +38,10 @@ from mura_tune.io import write_json, write_parquet
 from mura_tune.layout import (
     GENERALIST_ENSEMBLE,
     GENERALIST_SCOPE,
+    NO_SCORE,
     SERVED_BY_PART,
     EnsembleDir,
     ExperimentDir,
-    TrialStatus,
 )
 from mura_tune.metrics import METRIC_NAMES, format_ci, log_loss, score_studies
 from mura_tune.search.leaderboard import build_leaderboard
@@ -148,7 +148,8 @@ def select(
 
 
 def _check_finished(exp: Path) -> None:
-    """Fail clearly when every trial of the experiment errored (the board then has no metric columns).
+    """Fail clearly when every trial of the experiment errored or is damaged (the board then has no
+    metric columns).
 
     The message has the form of the one below in :func:`build_ensemble`, plus the first error's reason.
     """
@@ -156,18 +157,14 @@ def _check_finished(exp: Path) -> None:
     if not path.is_file():
         return  # read_candidates names the missing file
     board = pd.read_parquet(path)
-    if (
-        "status" not in board.columns
-        or len(board) == 0
-        or (board["status"] != TrialStatus.ERROR).any()
-    ):
+    if "status" not in board.columns or len(board) == 0 or (~board["status"].isin(NO_SCORE)).any():
         return
     first = board.iloc[0]
     reason = first.get("reason")
     why = f", {reason}" if isinstance(reason, str) and reason else ""
     raise ExperimentError(
         f"no finished generalist trial with predictions in {exp} "
-        f"({len(board)} trial(s) skipped: {first['trial_id']} status {TrialStatus.ERROR}{why})"
+        f"({len(board)} trial(s) skipped: {first['trial_id']} status {first['status']}{why})"
     )
 
 
