@@ -27,6 +27,13 @@ BODY_PARTS = (
     "XR_WRIST",
 )
 
+#: What a training run reports on val each epoch (:func:`mura_tune.metrics.split_metrics`): the
+#: names ``select_metric`` may pick the best checkpoint by (``*_loss`` minimised, others maximised).
+VAL_METRICS = tuple(
+    f"val_{m}"
+    for m in ("kappa_study", "auc", "loss", "kappa_image", "accuracy", "sensitivity", "specificity")
+) + tuple(f"val_{m}_{part}" for m in ("kappa_study", "auc") for part in BODY_PARTS)
+
 #: The official release's folder name, and its two source splits (``valid`` becomes our test).
 MURA_ROOT = "MURA-v1.1"
 SOURCE_SPLITS = ("train", "valid")

@@ -6,6 +6,8 @@ Anything else is a bug and keeps its traceback (as does everything under ``--deb
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -29,6 +31,36 @@ class WeightsError(MuraTuneError):
 
 class ExperimentError(MuraTuneError):
     """An experiment folder is missing, incomplete or inconsistent."""
+
+
+class RunFailed(MuraTuneError):
+    """The work ran and failed (a training run that diverged, a search in which no trial finished)."""
+
+    exit_code = 1
+
+
+#: What torch's refusal of a pickled file says (with advice to load it unsafely, never passed on).
+UNSAFE_ADVICE = ("Weights only load failed", "weights_only=False", "can still be loaded")
+REFUSED_PICKLE = (
+    "refused: it holds pickled objects other than tensors, and files are only ever loaded with "
+    "weights_only=True"
+)
+
+
+def without_unsafe_advice(text: str) -> str:
+    """``text`` with any advice to load a file unsafely (torch's ``weights_only=False`` hint)
+    replaced by why the file was refused."""
+    at = [text.find(marker) for marker in UNSAFE_ADVICE if marker in text]
+    if not at:
+        return text
+    head = text[: min(at)].rstrip(" .:")
+    return f"{head}: {REFUSED_PICKLE}" if head else REFUSED_PICKLE
+
+
+def closest(name: str, options: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the option closest to a mistyped ``name`` ('' if none is close)."""
+    match = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ else::
 
     <results>/<name>/                    ExperimentDir: one search (all its scopes)
         experiment.json                  the SearchPlan
+        .driver.lock                     held by the one driver running the experiment
+        ray.log                          Ray's own log of the driver (trial tracebacks)
         split.parquet                    the one split every trial, ensemble and report uses
         skipped_images.parquet           unreadable images, when there are any
         optuna.db                        Optuna's study of each scope (``<name>:<scope>``)
@@ -64,6 +66,8 @@ REPORT_HTML = "report.html"
 CV_DIR = "cv"
 REFIT_FILE = "refit.json"
 FOLDS_FILE = "folds.parquet"
+DRIVER_LOCK = ".driver.lock"
+RAY_LOG_FILE = "ray.log"
 #: Ray Tune's folder of a trial inside its scope's Ray folder: ``ray-<trial id>``.
 RAY_TRIAL_PREFIX = "ray-"
 # --- trial ---------------------------------------------------------------------------------------
@@ -127,6 +131,7 @@ class TrialStatus(str, Enum):
     RUNNING = "RUNNING"
     PENDING = "PENDING"
     PAUSED = "PAUSED"
+    DAMAGED = "DAMAGED"  # a file of the trial cannot be read: named in its reason, never a score
 
     def __str__(self) -> str:
         return self.value
@@ -136,6 +141,8 @@ class TrialStatus(str, Enum):
 
 #: A run that ended with a score (its summary.json is final).
 RUN_ENDED = (TrialStatus.FINISHED, TrialStatus.EARLY_STOPPED, TrialStatus.STOPPED)
+#: Trials that have no score, whatever their files say: they rank last and are never ensembled.
+NO_SCORE = (TrialStatus.ERROR, TrialStatus.DAMAGED)
 #: Trials Ray Tune has not finished.
 UNFINISHED = (TrialStatus.PENDING, TrialStatus.RUNNING, TrialStatus.PAUSED)
 
@@ -184,6 +191,8 @@ class ExperimentDir:
     orphaned = property(lambda self: self.path / ORPHANED_DIR)
     report = property(lambda self: self.path / REPORT_DIR)
     cv = property(lambda self: RefitDir(self.path / CV_DIR))
+    lock = property(lambda self: self.path / DRIVER_LOCK)
+    ray_log = property(lambda self: self.path / RAY_LOG_FILE)
 
     def trial(self, trial_id: str) -> TrialDir:
         return TrialDir(self.path / TRIALS_DIR / trial_id)

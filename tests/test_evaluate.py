@@ -116,7 +116,9 @@ def test_probability_out_of_range_raises(built, tmp_path):
     lines = _lines(built, tmp_path)
     study = lines[0].split(",")[0]
     (tmp_path / "bad.csv").write_text("\n".join([f"{study},1.5", *lines[1:]]) + "\n")
-    with pytest.raises(DataError, match=r"not in \[0, 1\]"):
+    with pytest.raises(
+        DataError, match=r"bad.csv line 1 \(.*\): prob must be in \[0, 1\], got '1.5'"
+    ):
         evaluate_file(built[0].table, tmp_path / "bad.csv", n_boot=5)
 
 

@@ -20,7 +20,7 @@ import sys
 
 from mura_tune.cli import commands
 from mura_tune.cli.parser import build_parser, implicit_search
-from mura_tune.errors import MuraTuneError
+from mura_tune.errors import MuraTuneError, without_unsafe_advice
 
 __all__ = ["ConsoleHandler", "build_parser", "console_logging", "main"]
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except MuraTuneError as exc:
         if args.debug:
             raise
-        print(f"mura-tune: error: {exc}", file=sys.stderr)
+        print(f"mura-tune: error: {without_unsafe_advice(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         if args.debug:

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from mura_tune.errors import ConfigError, DataError, ExperimentError
+from mura_tune.errors import ConfigError, DataError, ExperimentError, RunFailed
 from mura_tune.layout import EnsembleDir, ExperimentDir, TrialDir, read_json
 
 
@@ -133,9 +133,16 @@ def train(args) -> int:
         config.updated({"pretrained": pretrained}) if pretrained != config.pretrained else config
     )
     check_weights_split(config.pretrained, table)  # refused here, before any training
-    from mura_tune.train.run import run_training
+    from mura_tune.train.run import TrialDiverged, run_training
 
-    summary = run_training(config, table, out, strict=args.strict, weights_source=weights_source)
+    try:
+        summary = run_training(
+            config, table, out, strict=args.strict, weights_source=weights_source
+        )
+    except TrialDiverged as exc:
+        raise RunFailed(
+            f"training diverged: {exc} (recorded in {run.summary}); try a lower lr"
+        ) from None
     val, test = summary["val"], summary["test"]
     print(
         f"best epoch {summary['best_epoch']}: val_kappa_study {val.get('val_kappa_study', float('nan')):.3f}, "
@@ -202,10 +209,12 @@ def search(args) -> int:
     if result.leaderboard is not None:
         print(format_leaderboard(result.leaderboard, top=5))
         paths_written(exp / "leaderboard.parquet")
-    else:
+    elif not result.failed:
         print(f"mura-tune: {result.note}", file=sys.stderr)
     print(f"experiment folder: {exp}  (Optuna study: {exp / 'optuna.db'})")
-    if result.interrupted:
+    if result.failed:
+        print(f"mura-tune: error: {result.failed}", file=sys.stderr)
+    elif result.interrupted:
         print(
             f"mura-tune: interrupted; finished trials are kept. Resume with: {plan.resume_command()}",
             file=sys.stderr,

@@ -48,6 +48,7 @@ def number(
 
 
 POSITIVE_INT = number(int, 1)
+SEED = flag(RULES["seed"])  # numpy and torch take seeds in [0, 2**32)
 FRACTION = number(float, 0, 1, low_open=True, high_open=True)
 
 COMMANDS = (
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="0 = obvious findings, 1 = subtle (default 0.5)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument(
         "--index", help="follow a real MURA index folder exactly (e.g. ../shared/mura-v1.1-index)"
     )
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _data_arg(p)
     p.add_argument("--val-fraction", type=FRACTION, default=0.2)
-    p.add_argument("--seed", type=number(int, 0), default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--out", required=True, help="FILE.parquet")
     p = dsub.add_parser("cache", help="decode every image once into the shared memory-mapped cache")
     _data_arg(p)
@@ -177,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--seed",
-        type=int,
+        type=SEED,
         default=0,
         help="seed of the train/val split (match the search's --seed), the holdout and training (default 0)",
     )
@@ -268,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--address", help="with --cv: the Ray cluster to refit on (default: the search's)"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
 
     p = sub.add_parser("evaluate", help="score a predictions file with bootstrap intervals")
     _data_arg(p)
@@ -390,7 +391,7 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resume", action="store_true", help="continue the interrupted experiment --name"
     )
-    p.add_argument("--seed", type=flag(RULES["seed"]), default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--body-part", help="specialist search on one part (e.g. XR_WRIST)")
     g.add_argument(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -36,6 +37,10 @@ from mura_tune.home import cache_dir
 from mura_tune.io import write_json, write_parquet
 
 CHUNK = 64
+#: A build in progress: ``<key>.partial-<pid>``, renamed to ``<key>`` when complete.
+PARTIAL = ".partial-"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -106,6 +111,7 @@ def build_cache(
     root = Path(root) if root is not None else cache_dir()
     paths = sorted(set(image_paths))
     final = root / cache_key(paths, size)
+    remove_abandoned_builds(root)
     if (final / "meta.json").exists():
         return open_cache(final)
     root.mkdir(parents=True, exist_ok=True)
@@ -113,7 +119,7 @@ def build_cache(
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder waits here, then finds it built
         if (final / "meta.json").exists():
             return open_cache(final)
-        tmp = root / f"{final.name}.partial-{os.getpid()}"
+        tmp = root / f"{final.name}{PARTIAL}{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         array_path = tmp / "images.npy"
@@ -168,6 +174,28 @@ def build_cache(
             shutil.rmtree(final)
         os.replace(tmp, final)
     return open_cache(final)
+
+
+def remove_abandoned_builds(root: Path) -> list[Path]:
+    """Remove ``<key>.partial-<pid>`` folders of interrupted builds; return them.
+
+    A build holds its key's lock for as long as it runs, so a partial folder whose lock can be
+    taken belongs to a builder that died (killed, out of memory, machine crash), on this node or,
+    with a shared ``$MURA_TUNE_HOME``, on another.
+    """
+    removed = []
+    for partial in sorted(root.glob(f"*{PARTIAL}*")):
+        key = partial.name.split(PARTIAL, 1)[0]
+        with open(root / f".{key}.lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a builder is at work on it
+            shutil.rmtree(partial, ignore_errors=True)
+            removed.append(partial)
+    if removed:
+        log.info("removed %d interrupted image-cache build(s) in %s", len(removed), root)
+    return removed
 
 
 def open_cache(path: str | Path) -> ImageCache:

@@ -18,6 +18,10 @@ from PIL import Image
 PREPROCESS_VERSION = 1
 #: Refuse images above this many pixels (decompression bombs); MURA's largest is ~0.3 MP.
 MAX_PIXELS = 40_000_000
+#: Refuse images with a side above this or a more extreme aspect ratio: letterboxing squares the
+#: long side, so a 1 x 1,000,000 image (1 MP, legal by pixels) would need a terabyte.
+MAX_SIDE = 10_000
+MAX_ASPECT = 20
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -33,7 +37,8 @@ def load_gray(path: str | Path) -> np.ndarray:
     conversion an image needed (``data summary`` reports them as notes).
 
     Raises:
-        ImageReadError: empty, not a PNG, truncated/undecodable, or larger than ``MAX_PIXELS``.
+        ImageReadError: empty, not a PNG, truncated/undecodable, animated, or past a size limit
+            (``MAX_PIXELS``, ``MAX_SIDE``, ``MAX_ASPECT``).
     """
     return _decode(path)[0]
 
@@ -62,16 +67,18 @@ def _decode(path: str | Path) -> tuple[np.ndarray, str | None]:
     if head[:8] != PNG_SIGNATURE:
         raise ImageReadError("not a PNG file")
     size = _png_size(head)
-    if size is not None and size[0] * size[1] > MAX_PIXELS:
+    if size is not None and (reason := _past_limits(*size)):
         # Checked on the header, before decoding: a tiny file can claim billions of pixels.
-        raise ImageReadError(_too_large(*size))
+        raise ImageReadError(reason)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                w, h = img.size
-                if w * h > MAX_PIXELS:
-                    raise ImageReadError(_too_large(w, h))
+                if reason := _past_limits(*img.size):
+                    raise ImageReadError(reason)
+                frames = getattr(img, "n_frames", 1)
+                if frames > 1:
+                    raise ImageReadError(f"animated PNG ({frames} frames): a radiograph has one")
                 img.load()
                 return _to_gray(img), _conversion_note(img)
     except ImageReadError:
@@ -84,8 +91,15 @@ def _decode(path: str | Path) -> tuple[np.ndarray, str | None]:
         ) from None
 
 
-def _too_large(w: int, h: int) -> str:
-    return f"{w}x{h} exceeds the {MAX_PIXELS:,}-pixel limit (decompression bomb?)"
+def _past_limits(w: int, h: int) -> str | None:
+    """Why a ``w`` x ``h`` image is refused before decoding (None: within every limit)."""
+    if w * h > MAX_PIXELS:
+        return f"{w}x{h} exceeds the {MAX_PIXELS:,}-pixel limit (decompression bomb?)"
+    if max(w, h) > MAX_SIDE:
+        return f"{w}x{h} exceeds the {MAX_SIDE:,}-pixel limit per side"
+    if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):
+        return f"{w}x{h} has an aspect ratio beyond {MAX_ASPECT}:1"
+    return None
 
 
 #: Modes that are not noted: MURA itself is 8-bit grayscale with some RGB images.

@@ -14,15 +14,19 @@ relative to the dataset root, MURA style, no trailing slash), ``patient_id``, ``
 
 from __future__ import annotations
 
+import csv
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from mura_tune.constants import BODY_PARTS, MURA_ROOT, SOURCE_SPLITS, TABLE_COLUMNS
+from mura_tune.constants import BODY_PARTS, MURA_ROOT, SOURCE_SPLITS, SPLITS, TABLE_COLUMNS
 from mura_tune.data.embedded import ensure_embedded
 from mura_tune.errors import DataError
+
+log = logging.getLogger(__name__)
 
 ROOT_NAME = MURA_ROOT
 
@@ -44,7 +48,7 @@ PATTERN_TEXT = (
 class Problem:
     """One problem found in the dataset: what kind, which file, and where it was listed."""
 
-    kind: str  # bad_path | label_mismatch | unlabeled_study | duplicate | missing | unreadable (| converted: a note)
+    kind: str  # bad_path | label_mismatch | unlabeled_study | study_without_images | duplicate | missing | unreadable (| converted: a note)
     path: str
     detail: str
 
@@ -79,25 +83,32 @@ def locate_root(data: str | Path) -> Path:
     )
 
 
-def _read_lines(csv: Path) -> list[tuple[int, str]]:
-    """Non-empty lines of an index CSV with their 1-based numbers, header row dropped."""
+def _read_rows(csv_path: Path) -> list[tuple[int, list[str], str]]:
+    """Non-empty rows of an index CSV: (1-based line number, fields, the line as written).
+
+    Standard CSV quoting (``"MURA-v1.1/.../study1_positive/",1``) and a UTF-8 byte-order mark
+    are accepted; a header row is dropped.
+    """
     try:
-        text = csv.read_text(encoding="utf-8", errors="replace")
+        text = csv_path.read_text(encoding="utf-8-sig", errors="replace")
     except OSError as exc:
         raise DataError(
-            f"cannot read index file {csv}: {exc.strerror or type(exc).__name__}"
+            f"cannot read index file {csv_path}: {exc.strerror or type(exc).__name__}"
         ) from None
-    lines = []
+    rows = []
     for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip().strip('"')
-        if not line:
+        if not raw.strip():
             continue
-        if number == 1 and not line.startswith(ROOT_NAME) and re.search(r"[A-Za-z]", line):
+        fields = [f.strip() for f in next(csv.reader([raw]))]
+        while len(fields) > 1 and not fields[-1]:  # a trailing comma
+            fields.pop()
+        joined = ",".join(fields)
+        if number == 1 and not joined.startswith(ROOT_NAME) and re.search(r"[A-Za-z]", joined):
             # A header row ("path" / "Path,Label" ...): both variants circulate.
-            if not re.search(r"\.png|/", line):
+            if not re.search(r"\.png|/", joined):
                 continue
-        lines.append((number, line))
-    return lines
+        rows.append((number, fields, raw.strip()))
+    return rows
 
 
 def read_mura(data: str | Path, strict: bool = True) -> Dataset:
@@ -124,24 +135,26 @@ def read_mura(data: str | Path, strict: bool = True) -> Dataset:
         problems.append(Problem(kind, where, detail))
 
     rows = []
+    dropped: list[Problem] = []  # listed, well-formed, but left out: reported, never silent
     found_any = False
     for split in SOURCE_SPLITS:
         images_csv = index_dir / f"{split}_image_paths.csv"
         studies_csv = index_dir / f"{split}_labeled_studies.csv"
         if not images_csv.exists() and not studies_csv.exists():
             continue
-        for csv in (images_csv, studies_csv):
-            if not csv.exists():
+        for index_csv in (images_csv, studies_csv):
+            if not index_csv.exists():
                 raise DataError(
-                    f"missing index file {csv} (the release has both *_image_paths.csv and *_labeled_studies.csv)"
+                    f"missing index file {index_csv} (the release has both *_image_paths.csv and *_labeled_studies.csv)"
                 )
         found_any = True
         study_labels: dict[str, int] = {}
-        for number, line in _read_lines(studies_csv):
+        study_lines: dict[str, str] = {}
+        for number, fields, line in _read_rows(studies_csv):
             where = f"{studies_csv}:{number}"
-            study, _, label_text = line.rpartition(",")
-            match = STUDY_PATTERN.match(study.strip())
-            if not match or label_text.strip() not in ("0", "1"):
+            study, label_text = fields if len(fields) == 2 else ("", "")
+            match = STUDY_PATTERN.match(study)
+            if not match or label_text not in ("0", "1"):
                 problem(
                     "bad_path",
                     where,
@@ -168,10 +181,12 @@ def read_mura(data: str | Path, strict: bool = True) -> Dataset:
                 problem("duplicate", where, f"study listed twice: {study}")
                 continue
             study_labels[study_id] = label
+            study_lines[study_id] = where
 
         seen: set[str] = set()
-        for number, line in _read_lines(images_csv):
+        for number, fields, line in _read_rows(images_csv):
             where = f"{images_csv}:{number}"
+            line = fields[0] if len(fields) == 1 else line
             match = PATH_PATTERN.match(line)
             if not match:
                 problem("bad_path", where, f"path does not match {PATTERN_TEXT}: {line!r}")
@@ -193,6 +208,16 @@ def read_mura(data: str | Path, strict: bool = True) -> Dataset:
                 problem("unlabeled_study", where, f"study not in {studies_csv.name}: {study_id}")
                 continue
             rows.append((str(root / line), study_id, match["patient"], match["part"], label, split))
+        imaged = {row[1] for row in rows}
+        dropped.extend(
+            Problem(
+                "study_without_images",
+                where,
+                f"labeled study has no image in {images_csv.name}: {study}",
+            )
+            for study, where in study_lines.items()
+            if study not in imaged
+        )
     if not found_any:
         raise DataError(
             f"no index CSVs in {index_dir} (expected train_image_paths.csv, train_labeled_studies.csv, ...)"
@@ -201,41 +226,68 @@ def read_mura(data: str | Path, strict: bool = True) -> Dataset:
     table["label"] = table["label"].astype("int8")
     if table.empty:
         raise DataError(f"no usable images listed in {index_dir}")
-    return Dataset(table=table, root=root, source="mura", problems=problems)
+    report_dropped(dropped, "labeled stud(ies) without images left out", root)
+    return Dataset(table=table, root=root, source="mura", problems=problems + dropped)
+
+
+def report_dropped(dropped: list[Problem], what: str, data: Path) -> None:
+    """One warning for listed items that are left out: how many, the first with its reason, where all are listed."""
+    if not dropped:
+        return
+    more = (
+        f"; `mura-tune data summary --data {data}` lists all {len(dropped)}"
+        if len(dropped) > 1
+        else ""
+    )
+    log.warning(f"{len(dropped)} {what}: {dropped[0].path}: {dropped[0].detail}{more}")
 
 
 def read_manifest(path: str | Path) -> Dataset:
     """Read a user manifest (.csv or .parquet) with the canonical columns.
 
-    ``image_path`` may be relative (to the manifest's folder) or absolute. ``label`` must be
-    0/1 and constant within a study; ``source_split`` must be ``train`` or ``valid``.
+    ``image_path`` may be relative (to the manifest's folder) or absolute. Values are read as
+    written: identifiers and paths are strings (``001`` and ``1`` are two studies), a CSV may be
+    quoted and start with a UTF-8 byte-order mark. ``label`` must be 0/1 and constant within a
+    study; ``source_split`` must be ``train`` or ``valid``. An optional ``split`` column
+    (train/val/test) is the manifest's own split: it is used as is, never re-split.
     """
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"manifest not found: {path}")
     try:
-        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        if path.suffix == ".parquet":
+            table = pd.read_parquet(path)
+        else:
+            table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except Exception as exc:  # pyarrow / pandas parser errors
         raise DataError(f"cannot read manifest {path}: {exc}".splitlines()[0]) from exc
     missing = [c for c in TABLE_COLUMNS if c not in table.columns]
     if missing:
         raise DataError(f"manifest {path} lacks columns {missing} (needs {list(TABLE_COLUMNS)})")
     has_split = "split" in table.columns  # an experiment's split.parquet is a manifest too
-    table = table[list(TABLE_COLUMNS) + (["split"] if has_split else [])].copy()
-    if table[list(TABLE_COLUMNS)].isna().any().any():
-        bad = table[table.isna().any(axis=1)].index[0]
-        raise DataError(f"manifest {path}: empty value in row {bad + 2}")
-    bad_split = ~table["source_split"].isin(SOURCE_SPLITS)
-    if bad_split.any():
-        row = int(bad_split.to_numpy().nonzero()[0][0])
-        raise DataError(
-            f"manifest {path} row {row + 2}: source_split must be train or valid, got {table['source_split'].iloc[row]!r}"
-        )
-    if not table["label"].isin([0, 1]).all():
-        row = int((~table["label"].isin([0, 1])).to_numpy().nonzero()[0][0])
-        raise DataError(
-            f"manifest {path} row {row + 2}: label must be 0 or 1, got {table['label'].iloc[row]!r}"
-        )
+    columns = list(TABLE_COLUMNS) + (["split"] if has_split else [])
+    table = table[columns].reset_index(drop=True)
+    empty = table.isna() | table.astype(str).apply(lambda col: col.str.strip() == "")
+    if empty.any().any():
+        row = int(empty.any(axis=1).to_numpy().nonzero()[0][0])
+        column = columns[int(empty.iloc[row].to_numpy().nonzero()[0][0])]
+        raise DataError(f"manifest {path} row {row + 2}: empty {column}")
+
+    def refuse(bad: pd.Series, rule: str, column: str) -> None:
+        if bad.any():
+            row = int(bad.to_numpy().nonzero()[0][0])
+            raise DataError(
+                f"manifest {path} row {row + 2}: {column} must be {rule}, got {table[column].iloc[row]!r}"
+            )
+
+    refuse(~table["source_split"].isin(SOURCE_SPLITS), "train or valid", "source_split")
+    label = pd.to_numeric(table["label"], errors="coerce")
+    refuse(~label.isin([0, 1]), "0 or 1", "label")
+    if has_split:
+        refuse(~table["split"].isin(SPLITS), "train, val or test", "split")
+    for col in ("image_path", "study_id", "patient_id", "body_part"):
+        table[col] = table[col].astype(str)
+    table["label"] = label.astype("int8")
     per_study = table.groupby("study_id")["label"].nunique()
     if (per_study > 1).any():
         raise DataError(
@@ -248,10 +300,7 @@ def read_manifest(path: str | Path) -> Dataset:
     table["image_path"] = [
         str(p if Path(p).is_absolute() else base / p) for p in table["image_path"]
     ]
-    for col in ("study_id", "patient_id", "body_part"):
-        table[col] = table[col].astype(str)
-    table["label"] = table["label"].astype("int8")
-    return Dataset(table=table.reset_index(drop=True), root=base, source="manifest")
+    return Dataset(table=table, root=base, source="manifest")
 
 
 def read_dataset(data: str | Path | None, strict: bool = True) -> Dataset:

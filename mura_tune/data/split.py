@@ -12,14 +12,17 @@ turns one fold into the split its fold model trains on. Test stays out of every 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from mura_tune.constants import TABLE_COLUMNS
+from mura_tune.constants import SPLITS, TABLE_COLUMNS
 from mura_tune.errors import ConfigError, DataError
 from mura_tune.io import write_parquet
+
+log = logging.getLogger(__name__)
 
 
 def assign_split(table: pd.DataFrame, val_fraction: float = 0.2, seed: int = 0) -> pd.DataFrame:
@@ -30,11 +33,18 @@ def assign_split(table: pd.DataFrame, val_fraction: float = 0.2, seed: int = 0) 
     ``val_fraction`` of the total; this hits the fraction to within a few studies and keeps
     each part's abnormal rate balanced.
 
+    A table that already has a ``split`` column (a manifest's own split, or an experiment's
+    ``split.parquet`` passed as data) keeps it: it is checked, never re-split
+    (:func:`own_split`).
+
     Raises:
         ConfigError: ``val_fraction`` is not in (0, 1).
+        DataError: the table's own split is unusable (see :func:`own_split`).
     """
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    if "split" in table.columns:
+        return own_split(table)
     out = table.copy()
     out["split"] = np.where(out["source_split"] == "valid", "test", "train")
     train = out[out["source_split"] == "train"]
@@ -132,6 +142,42 @@ def fold_split(folds: pd.DataFrame, fold: int) -> pd.DataFrame:
     pool = out["fold"] != NO_FOLD
     out.loc[pool, "split"] = np.where(out.loc[pool, "fold"] == fold, "val", "train")
     return out
+
+
+def own_split(table: pd.DataFrame) -> pd.DataFrame:
+    """The table's own ``split`` column, used as written (``--val-fraction`` and ``--seed`` do not re-split it).
+
+    Raises:
+        DataError: a value other than train/val/test, no train or no val study, or a patient on
+            both sides of train and val/test (the selection would see the patient's other studies).
+    """
+    split = table["split"].astype(str)
+    bad = ~split.isin(SPLITS)
+    if bad.any():
+        raise DataError(
+            f"the data's own split column must hold train, val or test, got {split[bad].iloc[0]!r}"
+        )
+    studies = table.assign(split=split).drop_duplicates("study_id")
+    counts = studies["split"].value_counts()
+    if not counts.get("train") or not counts.get("val"):
+        raise DataError(
+            "the data's own split column has no train or no val study "
+            f"(train {counts.get('train', 0)}, val {counts.get('val', 0)}); drop the column to have mura-tune split it"
+        )
+    train_patients = set(studies.loc[studies["split"] == "train", "patient_id"])
+    leaked = studies[(studies["split"] != "train") & studies["patient_id"].isin(train_patients)]
+    if len(leaked):
+        first = leaked.iloc[0]
+        raise DataError(
+            f"the data's own split column puts patient {first['patient_id']!r} in train and in "
+            f"{first['split']} (study {first['study_id']}); splits must be patient-disjoint"
+        )
+    log.info(
+        "using the data's own split column (studies: "
+        + ", ".join(f"{k} {int(counts.get(k, 0))}" for k in SPLITS)
+        + "); it is not re-split"
+    )
+    return table.assign(split=split)
 
 
 def split_report(split_table: pd.DataFrame) -> dict:

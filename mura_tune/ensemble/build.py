@@ -41,7 +41,12 @@ from mura_tune.ensemble.select import Selection, needed, predict, select
 from mura_tune.ensemble.thresholds import THRESHOLD_MODES, per_study
 from mura_tune.errors import ConfigError, ExperimentError
 from mura_tune.io import write_json, write_parquet
-from mura_tune.layout import GENERALIST_SCOPE, EnsembleDir, ExperimentDir, TrialStatus
+from mura_tune.layout import (
+    GENERALIST_SCOPE,
+    NO_SCORE,
+    EnsembleDir,
+    ExperimentDir,
+)
 from mura_tune.metrics import score_studies
 from mura_tune.search.leaderboard import build_leaderboard
 
@@ -50,7 +55,8 @@ COMPARE_BAGS = 20
 
 
 def _check_finished(exp: Path) -> None:
-    """Fail clearly when every trial of the experiment errored (the board then has no metric columns).
+    """Fail clearly when every trial of the experiment errored or is damaged (the board then has no
+    metric columns).
 
     The message has the form of the one below in :func:`build_ensemble`, plus the first error's reason.
     """
@@ -58,18 +64,14 @@ def _check_finished(exp: Path) -> None:
     if not path.is_file():
         return  # read_candidates names the missing file
     board = pd.read_parquet(path)
-    if (
-        "status" not in board.columns
-        or len(board) == 0
-        or (board["status"] != TrialStatus.ERROR).any()
-    ):
+    if "status" not in board.columns or len(board) == 0 or (~board["status"].isin(NO_SCORE)).any():
         return
     first = board.iloc[0]
     reason = first.get("reason")
     why = f", {reason}" if isinstance(reason, str) and reason else ""
     raise ExperimentError(
         f"no finished generalist trial with predictions in {exp} "
-        f"({len(board)} trial(s) skipped: {first['trial_id']} status {TrialStatus.ERROR}{why})"
+        f"({len(board)} trial(s) skipped: {first['trial_id']} status {first['status']}{why})"
     )
 
 

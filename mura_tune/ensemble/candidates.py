@@ -1,7 +1,7 @@
 """Candidate models of an experiment and their study-level probabilities, one split at a time.
 
-A candidate is a usable trial of ``<exp>/leaderboard.parquet``: ERROR trials and trials whose
-predictions file is missing are skipped (with the reason). :func:`load_study_probs` reads a single
+A candidate is a usable trial of ``<exp>/leaderboard.parquet``: ERROR and DAMAGED trials, and trials
+whose predictions file is missing or damaged, are skipped (with the reason). :func:`load_study_probs` reads a single
 split through a Parquet row filter, so loading ``"val"`` never touches test rows.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from mura_tune.errors import ExperimentError
-from mura_tune.layout import GENERALIST_SCOPE, REFIT_SCOPE, ExperimentDir, TrialStatus
+from mura_tune.layout import GENERALIST_SCOPE, NO_SCORE, REFIT_SCOPE, ExperimentDir
 from mura_tune.metrics import study_table
 
 LEADERBOARD_COLUMNS = (
@@ -71,14 +71,31 @@ def read_candidates(experiment: Path) -> tuple[list[Candidate], list[dict]]:
         pred = Path(str(row.predictions_path)) if isinstance(row.predictions_path, str) else None
         if pred is not None and not pred.is_absolute():
             pred = experiment / pred
-        if row.status == TrialStatus.ERROR:
-            skipped.append({"trial_id": tid, "reason": f"status {TrialStatus.ERROR}"})
+        if row.status in NO_SCORE:
+            skipped.append({"trial_id": tid, "reason": f"status {row.status}"})
         elif pred is None or not pred.is_file():
             skipped.append({"trial_id": tid, "reason": f"predictions file missing: {pred}"})
+        elif damage := _damaged(pred):
+            skipped.append(
+                {"trial_id": tid, "reason": f"damaged predictions file {pred}: {damage}"}
+            )
         else:
             loss = float(row.val_loss) if pd.notna(row.val_loss) else float("nan")
             candidates.append(Candidate(tid, str(row.scope), pred, str(row.checkpoint_path), loss))
     return candidates, skipped
+
+
+def _damaged(path: Path) -> str | None:
+    """Why a predictions file cannot be read (None: its Parquet footer and columns are fine).
+    Only the footer is read: no val or test row is loaded here."""
+    import pyarrow.parquet as pq
+
+    try:
+        names = set(pq.ParquetFile(path).schema_arrow.names)
+    except Exception as exc:  # a file cut short or not Parquet
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    missing = sorted({"study_id", "body_part", "label", "split", "prob"} - names)
+    return f"lacks columns {missing}" if missing else None
 
 
 def load_study_probs(

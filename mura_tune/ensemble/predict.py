@@ -140,7 +140,7 @@ def load_members(
 
 
 # ------------------------------------------------------------------------------------- data
-def read_images(data: str | Path) -> tuple[pd.DataFrame, Path]:
+def read_images(data: str | Path) -> tuple[pd.DataFrame, Path, list[tuple[str, str]]]:
     """The images to predict: ``image_path, study_id, body_part, label`` (label may be missing).
 
     Args:
@@ -148,7 +148,8 @@ def read_images(data: str | Path) -> tuple[pd.DataFrame, Path]:
             study folders.
 
     Returns:
-        The image table and the data root.
+        The image table, the data root, and the files of a study folder that are left out
+        (``(path, reason)``: not a PNG).
 
     Raises:
         DataError: the path does not exist or holds no images.
@@ -156,6 +157,7 @@ def read_images(data: str | Path) -> tuple[pd.DataFrame, Path]:
     path = Path(data).expanduser()
     if not path.exists():
         raise DataError(f"--data not found: {path}")
+    left_out: list[tuple[str, str]] = []
     if path.is_file():
         if path.suffix not in (".csv", ".parquet"):
             raise DataError(f"--data must be a folder or a .csv/.parquet manifest, got {path}")
@@ -169,7 +171,7 @@ def read_images(data: str | Path) -> tuple[pd.DataFrame, Path]:
             log.info("  ... %d more index problems", len(dataset.problems) - 5)
         table, root = dataset.table, dataset.root
     else:
-        table, root = scan_study_folders(path), path.resolve()
+        (table, left_out), root = scan_study_folders(path), path.resolve()
     table = table[["image_path", "study_id", "body_part"]].assign(
         label=pd.array(
             table["label"] if "label" in table.columns else [pd.NA] * len(table), dtype="Int8"
@@ -177,17 +179,27 @@ def read_images(data: str | Path) -> tuple[pd.DataFrame, Path]:
     )
     if table.empty:
         raise DataError(f"no images found in {path}")
-    return table.reset_index(drop=True), root
+    return table.reset_index(drop=True), root, left_out
 
 
-def scan_study_folders(root: Path) -> pd.DataFrame:
+def scan_study_folders(root: Path) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """Index a plain folder of study folders (any depth): one row per PNG, no labels.
 
     ``study_id`` is the study folder relative to ``root`` (or from ``MURA-v1.1/`` on if the path
     has that component); ``body_part`` is the nearest ``XR_<PART>`` folder name, else ``unknown``.
+
+    Returns:
+        The image table, and every other file found (``(path, reason)``; hidden files aside):
+        they are left out, and reported.
     """
     root = root.resolve()
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() == ".png" and p.is_file())
+    found = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    files = [p for p in found if p.suffix.lower() == ".png"]
+    left_out = [
+        (str(p), f"not a PNG ({p.suffix or 'no extension'}): only PNG radiographs are read")
+        for p in found
+        if p.suffix.lower() != ".png"
+    ]
     if not files:
         raise DataError(f"no images found in {root} (expected <study folder>/*.png)")
     rows = []
@@ -201,7 +213,7 @@ def scan_study_folders(root: Path) -> pd.DataFrame:
             study_id = root.name if rel == "." else rel
         part = next((p for p in reversed(parts) if PART_DIR.match(p)), UNKNOWN_PART)
         rows.append((str(image), study_id, part))
-    return pd.DataFrame(rows, columns=["image_path", "study_id", "body_part"])
+    return pd.DataFrame(rows, columns=["image_path", "study_id", "body_part"]), left_out
 
 
 # ------------------------------------------------------------------------------- inference
@@ -352,7 +364,7 @@ def predict_with_ensemble(
     engine = Engine(device)
     routes = ensemble_routes(manifest)
     members, keyed = load_members(routes, manifest, manifest_path, engine)
-    table, root = read_images(data)
+    table, root, left_out = read_images(data)
     route = _route_of(table["body_part"], routes)
     sizes = sorted({m.image_size for m in members.values()})
     served = ", ".join(f"{k}: {len(v)} model(s)" for k, v in routes.items())
@@ -363,6 +375,7 @@ def predict_with_ensemble(
     log.info(f"predicting {len(table)} images in {table['study_id'].nunique()} studies from {data}")
 
     probs, skipped = image_probabilities(table, members, route, engine, batch_size, progress)
+    skipped = left_out + skipped
     ok = ~table["image_path"].isin({p for p, _ in skipped}).to_numpy()
     if not ok.any():
         raise DataError(

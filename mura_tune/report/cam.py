@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 ALPHA = 0.45
 #: Narrower overlays get no text label (it would hide the image).
 LABEL_MIN_WIDTH = 160
+#: Overlays are drawn at the radiograph's own resolution, up to this side.
+OVERLAY_MAX_SIDE = 2048
 
 
 def grad_cam(net: MuraNet, x: torch.Tensor) -> np.ndarray:
@@ -131,7 +133,8 @@ def cam_image(
     x = model_input(path, config, engine)
     cam = grad_cam(net, x[0])
     gray = _read_gray(path)
-    native = letterbox(gray, max(gray.shape))  # the model's framing, at the image's own resolution
+    # The model's framing, at the image's own resolution (capped: a large image stays cheap).
+    native = letterbox(gray, min(max(gray.shape), OVERLAY_MAX_SIDE))
     return overlay(native, cam), probability(net, x, config.tta_flip, engine)
 
 
@@ -204,10 +207,18 @@ def cam_command(
     net = engine.model(net)
     written, probs = [], []
     for src, dest in jobs:
-        picture, prob = cam_image(net, config, src, engine)
+        try:
+            picture, prob = cam_image(net, config, src, engine)
+        except DataError as exc:
+            if image is not None:
+                raise
+            log.warning(f"skipped a view: {exc}")  # the study's other views still get theirs
+            continue
         written.append(save_overlay(picture, prob, dest))
         probs.append(prob)
         log.info(f"{src}: p(abnormal) = {prob:.3f}")
+    if not probs:
+        raise DataError(f"--study {study}: none of its {len(jobs)} view(s) could be read")
     if study is not None:
         verdict = "abnormal" if np.mean(probs) > 0.5 else "normal"
         log.info(

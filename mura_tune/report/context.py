@@ -13,11 +13,11 @@ from mura_tune.errors import ExperimentError
 from mura_tune.io import atomic_path
 from mura_tune.layout import (
     GENERALIST_SCOPE,
+    NO_SCORE,
     REFIT_SCOPE,
     EnsembleDir,
     ExperimentDir,
     TrialDir,
-    TrialStatus,
     read_json,
     read_manifest,
 )
@@ -71,7 +71,7 @@ def load_context(
 def _best_single(ctx: Context) -> pd.Series | None:
     """The ensemble's best single model if given, else the top usable generalist of the leaderboard."""
     board = ctx.board
-    usable = board[(board["status"] != TrialStatus.ERROR) & board["predictions_path"].notna()]
+    usable = board[~board["status"].isin(NO_SCORE) & board["predictions_path"].notna()]
     if ctx.manifest is not None:
         chosen = usable[usable["trial_id"] == ctx.manifest["baselines"]["best_single"]["trial_id"]]
         if len(chosen):
@@ -86,7 +86,10 @@ def _trial_metrics(board: pd.DataFrame) -> dict[str, pd.DataFrame]:
     for row in board.itertuples():
         path = TrialDir(Path(row.trial_dir)).metrics
         if path.is_file():
-            frame = pd.read_parquet(path)
+            try:
+                frame = pd.read_parquet(path)
+            except Exception:  # damaged: the leaderboard names it; the curves go without it
+                continue
             if METRIC in frame and len(frame):
                 out[row.trial_id] = frame
     return out

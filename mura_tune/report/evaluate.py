@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -56,28 +57,31 @@ def _mura_suffix(path: str) -> str | None:
 
 
 def _read_submission(path: Path) -> pd.DataFrame:
-    rows = []
-    for lineno, raw in enumerate(path.read_text().splitlines(), start=1):
-        line = raw.strip()
-        if not line:
+    """``<study path>,<probability>`` lines (standard CSV quoting, an optional UTF-8 byte-order mark)."""
+    rows, lines = [], []
+    text = path.read_text(encoding="utf-8-sig", errors="replace")
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
             continue
-        fields = line.split(",")
+        fields = [f.strip() for f in next(csv.reader([raw]))]
         try:
-            if len(fields) != 2 or not fields[0].strip():
+            if len(fields) != 2 or not fields[0]:
                 raise ValueError
-            prob = float(fields[1])
+            float(fields[1])  # a number; its range is checked with every other row's
         except ValueError:
             raise DataError(
                 f"{path} line {lineno}: expected '<study path>,<probability>', got {raw!r}"
             ) from None
-        rows.append((fields[0].strip().rstrip("/"), prob))
+        rows.append((fields[0].rstrip("/"), fields[1]))
+        lines.append(lineno)
     if not rows:
         raise DataError(f"predictions file is empty: {path}")
-    return pd.DataFrame(rows, columns=["study_id", "prob"])
+    frame = pd.DataFrame(rows, columns=["study_id", "prob"])
+    return _checked(frame, path, "study_id", [f"line {n}" for n in lines])
 
 
 def _read_frame(path: Path) -> tuple[pd.DataFrame, str]:
-    """Read a predictions file; returns the frame and its shape: submission|image|study."""
+    """Read a predictions file, every row checked; returns the frame and its shape: submission|image|study."""
     if not path.is_file():
         raise DataError(f"predictions file not found: {path}")
     if path.suffix == ".parquet":
@@ -85,19 +89,53 @@ def _read_frame(path: Path) -> tuple[pd.DataFrame, str]:
             frame = pd.read_parquet(path)
         except Exception as exc:  # pyarrow errors are long; keep the first line
             raise DataError(f"cannot read predictions {path}: {str(exc).splitlines()[0]}") from exc
+        rows = [f"row {i + 1}" for i in range(len(frame))]
     elif path.suffix in (".csv", ".txt"):
-        with open(path) as fh:
-            first = fh.readline().strip().split(",")
+        with open(path, encoding="utf-8-sig", errors="replace") as fh:
+            first = [f.strip() for f in next(csv.reader([fh.readline()]), [])]
         if "prob" not in first:
             return _read_submission(path), "submission"
-        frame = pd.read_csv(path)
+        try:
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        except Exception as exc:  # pandas parser errors
+            raise DataError(f"cannot read predictions {path}: {str(exc).splitlines()[0]}") from exc
+        rows = [f"line {i + 2}" for i in range(len(frame))]  # line 1 is the header
     else:
         raise DataError(f"predictions file must be .csv or .parquet, got {path}")
     if "prob" not in frame.columns or not {"image_path", "study_id"} & set(frame.columns):
         raise DataError(
             f"predictions {path} needs columns image_path+prob or study_id+prob, got {list(frame.columns)}"
         )
-    return frame, "image" if "image_path" in frame.columns else "study"
+    shape = "image" if "image_path" in frame.columns else "study"
+    key = "image_path" if shape == "image" else "study_id"
+    frame = frame.reset_index(drop=True)
+    frame[key] = frame[key].astype(str)
+    if shape == "study":
+        frame["study_id"] = frame["study_id"].str.rstrip("/")
+    return _checked(frame, path, key, rows), shape
+
+
+def _checked(frame: pd.DataFrame, path: Path, key: str, rows: list[str]) -> pd.DataFrame:
+    """Refuse, naming the row, a probability that is missing, not a number or outside [0, 1], and
+    an image or study listed twice: every row is checked before anything is averaged."""
+    prob = pd.to_numeric(frame["prob"], errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(prob) | (prob < 0) | (prob > 1)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise DataError(
+            f"{path} {rows[i]} ({frame[key].iloc[i]}): prob must be in [0, 1], "
+            f"got {frame['prob'].iloc[i]!r} ({int(bad.sum())} such row(s))"
+        )
+    keys = frame[key].to_numpy()
+    dup = frame[key].duplicated().to_numpy()
+    if dup.any():
+        again = int(np.argmax(dup))
+        first = int(np.argmax(keys == keys[again]))
+        what = "image" if key == "image_path" else "study"
+        raise DataError(
+            f"{path} {rows[again]}: {what} listed twice ({rows[first]} too): {keys[again]}"
+        )
+    return frame.assign(prob=prob)
 
 
 def load_predictions(
@@ -125,20 +163,9 @@ def load_predictions(
         frame = frame[frame["split"] == split]
     if shape == "image":
         frame = _images_to_studies(frame, table, path)
-    else:
-        frame = frame[["study_id", "prob", *(["threshold"] if "threshold" in frame else [])]].copy()
-        frame["study_id"] = frame["study_id"].astype(str).str.rstrip("/")
-        dup = frame["study_id"].duplicated()
-        if dup.any():
-            raise DataError(f"study listed twice in {path}: {frame['study_id'][dup].iloc[0]}")
-    prob = pd.to_numeric(frame["prob"], errors="coerce").to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(prob) | (prob < 0) | (prob > 1)
-    if bad.any():
-        raise DataError(
-            f"{int(bad.sum())} probabilities in {path} are not in [0, 1] "
-            f"(first: {frame['study_id'].iloc[int(np.argmax(bad))]} = {frame['prob'].iloc[int(np.argmax(bad))]!r})"
-        )
-    out = pd.DataFrame({"study_id": frame["study_id"].to_numpy(), "prob": prob})
+    out = pd.DataFrame(
+        {"study_id": frame["study_id"].to_numpy(), "prob": frame["prob"].to_numpy(dtype=np.float64)}
+    )
     if "threshold" in frame:
         out["threshold"] = pd.to_numeric(frame["threshold"], errors="coerce").to_numpy()
         if not out["threshold"].between(0, 1).all():

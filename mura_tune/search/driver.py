@@ -9,28 +9,43 @@ configurations; ASHA stops weak trials at its rungs, and those reach Optuna as P
 is resolved in the driver; trials write only below ``<results>/<name>/``, which must be a folder
 every node mounts (cloud URIs are refused).
 
+Before anything is written or any trial starts (:mod:`mura_tune.search.preflight`): ``--address``
+must answer within seconds, one trial's resources must fit on a node (this machine, before a
+private Ray starts), and the experiment folder is claimed for this driver alone.
+
 Failures: a trial that raises, diverges or runs out of memory is ERROR (FAIL in Optuna, never a
 score); a trial whose node dies is retried (``max_failures``) from its own ``resume.pt``;
 Ctrl-C or SIGTERM stops cleanly (the result says so; the CLI exits 130 with the resume command);
 after a SIGKILL, ``--resume`` restarts unfinished trials from their ``resume.pt``, keeps finished
 ones untouched and re-queues in Optuna what the dead driver had started but Ray had not recorded.
+A search in which no trial finished has failed (:attr:`SearchResult.failed`, exit 1). Ray's own
+log, with the tracebacks of failed trials, goes to ``<experiment>/ray.log``, not the terminal.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
 from mura_tune.constants import METRIC, MODE
 from mura_tune.errors import ConfigError, ExperimentError
+from mura_tune.layout import TrialStatus
 from mura_tune.search.leaderboard import build_leaderboard, read_ray_state
 from mura_tune.search.plan import SearchPlan
+from mura_tune.search.preflight import (
+    check_address,
+    check_resources,
+    claim_experiment,
+    cluster_nodes,
+)
 from mura_tune.search.prepare import prepare_experiment
 from mura_tune.search.recovery import drop_resume_states, recover_scope, scope_done
 from mura_tune.search.searcher import make_scheduler, make_searcher
@@ -103,8 +118,12 @@ def build_tuner(
 
     ray_dir = plan.ray_dir(scope)
     space = get_space(plan.space)
+    # Dimensions the user fixed (--set) are not searched: the space sees their fixed values.
     searcher = make_searcher(
-        plan, scope, space.sampler_fn(plan.preset), space.start_points(plan.preset, plan.overrides)
+        plan,
+        scope,
+        space.sampler_fn(plan.preset, fixed=plan.overrides),
+        space.start_points(plan.preset, plan.overrides),
     )
     reporter = tune.CLIReporter(
         metric_columns=REPORT_COLUMNS,
@@ -157,7 +176,7 @@ def concurrency(plan: SearchPlan) -> int:
 
 
 def _report_params(space, plan) -> list[str]:
-    return sorted(space.dimensions(preset=plan.preset))[:4]
+    return sorted(space.dimensions(preset=plan.preset, fixed=plan.overrides))[:4]
 
 
 @dataclass
@@ -171,11 +190,12 @@ class SearchResult:
     )
     budget_reached: bool = False  # plan.time_budget_s ran out before every planned trial ended
     note: str | None = None  # why there is no leaderboard
+    failed: str | None = None  # no trial finished: one line saying why and where the errors are
 
     @property
     def exit_code(self) -> int:
-        """130 when interrupted (as a shell reports Ctrl-C), else 0."""
-        return 130 if self.interrupted else 0
+        """130 when interrupted (as a shell reports Ctrl-C), 1 when no trial finished, else 0."""
+        return 130 if self.interrupted else 1 if self.failed else 0
 
 
 def run_search(
@@ -195,25 +215,72 @@ def run_search(
         The :class:`SearchResult`; ``leaderboard.parquet`` is written in the experiment folder.
 
     Raises:
-        ExperimentError: a new search's folder already holds an experiment.
+        ConfigError: ``--address`` does not answer, or no node can hold one trial (nothing written).
+        ExperimentError: a new search's folder already holds an experiment, or another driver
+            runs this experiment.
 
     Ctrl-C (SIGINT) or SIGTERM stops the search cleanly: Ray saves its state and the result is
     ``interrupted``; the leaderboard of what finished is written.
     """
-    if not resume:
-        # A folder holding only what an interrupted preparation wrote (no experiment.json yet) is reused.
-        exp = plan.experiment
-        leftovers = {p.name for p in exp.path.glob("[!.]*")} - {exp.split.name, exp.skipped.name}
-        if leftovers:
-            raise ExperimentError(
-                f"experiment {plan.exp_dir} already exists; pass --resume to continue it or choose another --name"
-            )
-        prepare_experiment(plan)
-        plan.save()
-    log.info(
-        f"experiment {plan.exp_dir} ({', '.join(f'{s}: {n} trials' for s, n in plan.scopes.items())})"
-    )
-    init_ray(plan.address)
+    preflight(plan)  # can it ever run? (nothing is written, no trial starts)
+    with claim_experiment(plan.experiment, plan.name):
+        if not resume:
+            _refuse_existing(plan)
+            prepare_experiment(plan)
+            plan.save()
+        log.info(
+            f"experiment {plan.exp_dir} ({', '.join(f'{s}: {n} trials' for s, n in plan.scopes.items())})"
+        )
+        if plan.fixed_dimensions:
+            fixed = ", ".join(f"{k}={v}" for k, v in plan.fixed_dimensions.items())
+            log.info(f"fixed by --set, not searched: {fixed}")
+        init_ray(plan.address)
+        with ray_log_to_file(plan.experiment.ray_log):
+            interrupted, budget_reached = _run_scopes(plan, resume, stop, callbacks, verbose)
+        try:
+            board = build_leaderboard(plan.exp_dir)
+        except ExperimentError as exc:  # stopped before any trial started
+            result = SearchResult(plan, None, interrupted, budget_reached, note=str(exc))
+        else:
+            result = SearchResult(plan, board, interrupted, budget_reached)
+    if not (interrupted or budget_reached):
+        result.failed = failure_line(plan, result.leaderboard, result.note)
+    return result
+
+
+def preflight(plan: SearchPlan) -> None:
+    """Refuse, before anything is written, a search that could never run a trial.
+
+    ``--address`` (or ``$RAY_ADDRESS``) must answer within seconds; then one trial's CPUs and
+    GPUs must fit on a node of the cluster. For a private local Ray the check is against this
+    machine, and Ray is not started yet.
+
+    Raises:
+        ConfigError: the address does not answer, or no node can hold one trial.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        check_address(plan.address)
+        if not (plan.address or os.environ.get("RAY_ADDRESS")):
+            check_resources(plan.cpus_per_trial, plan.gpus_per_trial)
+            return
+        init_ray(plan.address)
+    check_resources(plan.cpus_per_trial, plan.gpus_per_trial, cluster_nodes())
+
+
+def _refuse_existing(plan: SearchPlan) -> None:
+    """A new search's folder may hold only what an interrupted preparation wrote (no experiment.json yet)."""
+    exp = plan.experiment
+    leftovers = {p.name for p in exp.path.glob("[!.]*")} - {exp.split.name, exp.skipped.name}
+    if leftovers:
+        raise ExperimentError(
+            f"experiment {plan.exp_dir} already exists; pass --resume to continue it or choose another --name"
+        )
+
+
+def _run_scopes(plan: SearchPlan, resume: bool, stop, callbacks, verbose: int) -> tuple[bool, bool]:
+    """Run every scope; return (interrupted, budget_reached)."""
     interrupted = budget_reached = False
     previous_term = _forward_sigterm()
     try:
@@ -245,10 +312,41 @@ def run_search(
     finally:
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)
+    return interrupted, budget_reached
+
+
+def failure_line(plan: SearchPlan, board: pd.DataFrame | None, note: str | None) -> str | None:
+    """One line when no trial finished (None when one did): how many failed, the first reason, where to look."""
+    exp = plan.experiment
+    where = f"each trial's error is in {exp.trials}/<id>/error.json, Ray's log in {exp.ray_log}"
+    if board is None:
+        return f"no trial of experiment {plan.name!r} started ({note}); {where}"
+    ended = board["status"].isin([TrialStatus.COMPLETED.value, TrialStatus.PRUNED.value])
+    if ended.any():
+        return None
+    first = board.iloc[0]
+    counts = ", ".join(f"{n} {s}" for s, n in board["status"].value_counts().items())
+    return (
+        f"no trial of experiment {plan.name!r} finished ({counts}; first: {first['trial_id']}: "
+        f"{first['reason']}); {where}"
+    )
+
+
+@contextlib.contextmanager
+def ray_log_to_file(path: Path) -> Iterator[None]:
+    """Send Ray's own log (the tracebacks of failed trials among it) to ``path`` instead of the terminal."""
+    ray_logger = logging.getLogger("ray")
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved = ray_logger.handlers[:], ray_logger.level
+    ray_logger.handlers = [handler]
+    ray_logger.setLevel(min(ray_logger.level or logging.WARNING, logging.WARNING))
     try:
-        return SearchResult(plan, build_leaderboard(plan.exp_dir), interrupted, budget_reached)
-    except ExperimentError as exc:  # stopped before any trial started
-        return SearchResult(plan, None, interrupted, budget_reached, note=str(exc))
+        yield
+    finally:
+        ray_logger.handlers, level = saved
+        ray_logger.setLevel(level)
+        handler.close()
 
 
 def _forward_sigterm():

@@ -20,10 +20,12 @@ from mura_tune.constants import METRIC, MODE
 from mura_tune.errors import ExperimentError
 from mura_tune.io import write_parquet
 from mura_tune.layout import (
+    NO_SCORE,
     RUN_ENDED,
     TRIAL_FILE,
     UNFINISHED,
     ExperimentDir,
+    TrialDir,
     TrialStatus,
     read_json,
 )
@@ -143,12 +145,15 @@ def build_leaderboard(exp_dir: str | Path, write: bool = True) -> pd.DataFrame:
     if not trials:
         raise ExperimentError(f"no trials in {exp.path} (expected {exp.trials}/<id>/{TRIAL_FILE})")
     ray_states = _ray_trial_states(exp)
+    # Dimensions the user fixed with --set: not searched, shown with their value in every row.
+    pinned = (read_json(exp.plan) or {}).get("fixed_dimensions") or {}
     rows = []
     for trial in trials:
-        meta = json.loads(trial.trial_json.read_text())
-        summary = read_json(trial.summary)
-        error = read_json(trial.error)
-        recovered = read_json(trial.recovered)
+        try:
+            meta, summary, error, recovered, metrics, predictions = read_trial_files(trial)
+        except DamagedFile as exc:  # reported in its row; the other trials still rank
+            rows.append(_damaged_row(exp, trial, exc))
+            continue
         ray_state = ray_states.get(meta.get("ray_trial_id") or meta["trial_id"])
         status, reason = _status(ray_state, summary, error, recovered)
         row = {
@@ -159,7 +164,6 @@ def build_leaderboard(exp_dir: str | Path, write: bool = True) -> pd.DataFrame:
             "status": status.value,
             "reason": reason,
         }
-        metrics = pd.read_parquet(trial.metrics) if trial.metrics.exists() else None
         row["epochs"] = int(len(metrics)) if metrics is not None else 0
         best_val, best_test, best_epoch = {}, {}, None
         if (
@@ -172,7 +176,6 @@ def build_leaderboard(exp_dir: str | Path, write: bool = True) -> pd.DataFrame:
                 best_row = metrics[metrics["epoch"] == best_epoch].iloc[0]
                 best_val = {k: best_row[k] for k in metrics.columns if k.startswith("val_")}
         best_pt, preds_path = trial.checkpoint, trial.predictions
-        predictions = pd.read_parquet(preds_path) if preds_path.exists() else None
         if summary is not None and summary.get("test"):
             best_test = summary["test"]
         elif predictions is not None:
@@ -186,7 +189,7 @@ def build_leaderboard(exp_dir: str | Path, write: bool = True) -> pd.DataFrame:
         row.update({k: _float(v) for k, v in best_test.items()} if not failed else {})
         if predictions is not None and not failed:
             row.update(kappa_intervals(predictions))
-        for key, value in meta["params"].items():
+        for key, value in {**pinned, **meta["params"]}.items():
             row[f"hp_{key}"] = value
         row["checkpoint_path"] = str(best_pt) if best_pt.exists() and not failed else None
         row["predictions_path"] = (
@@ -216,8 +219,8 @@ def build_leaderboard(exp_dir: str | Path, write: bool = True) -> pd.DataFrame:
     board = _typed(pd.DataFrame(rows))
     if METRIC not in board:
         board[METRIC] = np.nan
-    # Errors rank last whatever they reported; then the metric, NaN last.
-    board["_error"] = board["status"] == TrialStatus.ERROR
+    # Errors (and damaged trials) rank last whatever they reported; then the metric, NaN last.
+    board["_error"] = board["status"].isin(NO_SCORE)
     board = board.sort_values(
         ["_error", METRIC], ascending=[True, MODE == "min"], na_position="last", kind="stable"
     )
@@ -243,6 +246,83 @@ def build_leaderboard(exp_dir: str | Path, write: bool = True) -> pd.DataFrame:
     if write:
         write_parquet(exp.leaderboard, board)
     return board
+
+
+class DamagedFile(Exception):
+    """A trial file that exists but cannot be read (cut short, not JSON/Parquet, missing fields)."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"damaged file {path}: {why}")
+        self.path = path
+
+
+#: What a trial's files must hold to be read (``trial.json`` keys, Parquet columns).
+TRIAL_KEYS = ("trial_id", "space", "scope", "params")
+METRICS_COLUMNS = ("epoch",)
+PREDICTIONS_COLUMNS = ("study_id", "label", "split", "prob")
+
+
+def read_trial_files(trial: TrialDir):
+    """``(trial.json, summary, error, recovered, metrics, predictions)`` of one trial; the optional
+    ones are None when absent.
+
+    Raises:
+        DamagedFile: one of them exists but cannot be read, or lacks what the leaderboard needs.
+    """
+    meta = _json_file(trial.trial_json)
+    if (
+        meta is None
+        or any(k not in meta for k in TRIAL_KEYS)
+        or not isinstance(meta["params"], dict)
+    ):
+        raise DamagedFile(trial.trial_json, f"needs the keys {', '.join(TRIAL_KEYS)}")
+    json_files = (_json_file(trial.summary), _json_file(trial.error), _json_file(trial.recovered))
+    tables = (
+        _parquet_file(trial.metrics, METRICS_COLUMNS),
+        _parquet_file(trial.predictions, PREDICTIONS_COLUMNS),
+    )
+    return (meta, *json_files, *tables)
+
+
+def _json_file(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    value = read_json(path)
+    if value is None:
+        raise DamagedFile(path, "not a JSON object (cut short?)")
+    return value
+
+
+def _parquet_file(path: Path, columns: tuple[str, ...]) -> pd.DataFrame | None:
+    if not path.exists():
+        return None
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow's errors for a cut-short or foreign file
+        raise DamagedFile(
+            path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        ) from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DamagedFile(path, f"lacks columns {missing}")
+    return frame
+
+
+def _damaged_row(exp: ExperimentDir, trial: TrialDir, exc: DamagedFile) -> dict:
+    """A damaged trial's row: named, with the file and why, never a score."""
+    meta = read_json(trial.trial_json) or {}
+    return {
+        "experiment": exp.path.name,
+        "trial_id": str(meta.get("trial_id") or trial.trial_id),
+        "space": meta.get("space"),
+        "scope": meta.get("scope"),
+        "status": TrialStatus.DAMAGED.value,
+        "reason": str(exc),
+        "epochs": 0,
+        "checkpoint_path": None,
+        "predictions_path": None,
+        "trial_dir": str(trial.path),
+    }
 
 
 def kappa_intervals(predictions: pd.DataFrame) -> dict[str, float]:

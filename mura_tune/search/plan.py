@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mura_tune.constants import BODY_PARTS
-from mura_tune.errors import ConfigError, ExperimentError, Range
+from mura_tune.errors import ConfigError, ExperimentError, Range, closest
 from mura_tune.io import write_json
 from mura_tune.layout import GENERALIST_SCOPE, ExperimentDir
 from mura_tune.train.config import TrainConfig
@@ -50,7 +50,14 @@ RULES = {
     "max_failures": Range(int, 0),
     "val_fraction": Range(float, 0, 1, low_open=True, high_open=True),
     "time_budget_s": Range(float, 0, low_open=True),
-    "seed": Range(int),
+    "seed": Range(int, 0, 2**32 - 1),
+}
+#: Config fields a search flag sets for every trial: ``--set`` of one must agree with the flag.
+SEARCH_FLAG_FIELDS = {"max_epochs": "max_epochs", "seed": "seed", "body_part": "body_part"}
+SEARCH_FLAG_ROLES = {
+    "max_epochs": "is also ASHA's max_t (trials longer than it are cut)",
+    "seed": "also seeds the split and the sampler",
+    "body_part": "also names the search's scope",
 }
 #: Fields whose flag is not ``--`` + the name with dashes.
 FLAGS = {"time_budget_s": "--time-budget", "overrides": "--set"}
@@ -91,11 +98,14 @@ class SearchPlan:
         address: join the Ray cluster at ``auto`` or ``HOST:PORT`` (default: a private local Ray).
 
     Resolved when the plan is made (not arguments): ``exp_dir``, ``fixed`` (the config every
-    trial shares: space + preset + overrides), ``scopes`` (scope -> trials), ``split_path``,
-    ``created``; ``space``, ``data`` and the defaulted fields hold their resolved values.
+    trial shares: space + preset + overrides), ``fixed_dimensions`` (dimensions of the space
+    that ``overrides`` fix: they are not searched), ``scopes`` (scope -> trials),
+    ``split_path``, ``created``; ``space``, ``data`` and the defaulted fields hold their
+    resolved values.
 
     Raises:
-        ConfigError: a field breaks its rule, or the space, preset or overrides are invalid.
+        ConfigError: a field breaks its rule, the space, preset or overrides are invalid, or an
+            override contradicts a search flag (``--set max_epochs=3`` with ``--max-epochs 1``).
     """
 
     space: str
@@ -124,6 +134,7 @@ class SearchPlan:
     # --- resolved ---------------------------------------------------------------------------------
     exp_dir: str = field(init=False, default="")
     fixed: dict[str, Any] = field(init=False, default_factory=dict)
+    fixed_dimensions: dict[str, Any] = field(init=False, default_factory=dict)
     scopes: dict[str, int] = field(
         init=False, default_factory=dict
     )  # GENERALIST_SCOPE or a part -> trials
@@ -142,6 +153,14 @@ class SearchPlan:
         from mura_tune.search.spaces import SEARCH_DEFAULTS, SEARCH_KEYS, get_space
 
         space = get_space(self.space)
+        fields_ = TrainConfig.__dataclass_fields__
+        unknown = [k for k in self.overrides if k not in fields_]
+        _check(
+            not unknown,
+            f"--set {unknown[0] if unknown else ''}: not a config field"
+            + closest(unknown[0] if unknown else "", fields_),
+        )
+        self._adopt_overrides()
         cuda = _cuda_visible()
         self.preset = self.preset or ("gpu" if cuda else "cpu")
         if self.preset not in ("cpu", "gpu"):
@@ -191,9 +210,15 @@ class SearchPlan:
             {k: v for k, v in fixed.items() if k in TrainConfig.__dataclass_fields__},
             source="--set/preset",
         )
-        unknown = [k for k in fixed if k not in TrainConfig.__dataclass_fields__]
-        _check(not unknown, f"--set {unknown[0] if unknown else ''}: not a config field")
+        unknown = [k for k in fixed if k not in fields_]
+        _check(
+            not unknown,
+            f"space {space.name}: {unknown[0] if unknown else ''} is not a config field",
+        )
         self.fixed = fixed
+        from mura_tune.search.spaces import fixed_dimensions
+
+        self.fixed_dimensions = fixed_dimensions(space, self.overrides, self.preset)
         self.scopes = {self.body_part or GENERALIST_SCOPE: self.num_samples}
         if self.specialists:
             per_part = self.specialist_samples or max(2, self.num_samples // 4)
@@ -210,6 +235,24 @@ class SearchPlan:
         self.exp_dir = str(results / self.name)
         self.split_path = str(self.experiment.split)
         self.created = time.time()
+
+    def _adopt_overrides(self) -> None:
+        """``--set`` of a field a search flag also sets: the same value, or the flag's when it is
+        not given; a different value is refused (it would be silently overridden)."""
+        for key, flag_field in SEARCH_FLAG_FIELDS.items():
+            if key not in self.overrides:
+                continue
+            value, current = self.overrides[key], getattr(self, flag_field)
+            if flag_field in RULES:
+                RULES[flag_field].check(value, f"--set {key}")
+            if current is None:
+                setattr(self, flag_field, value)
+            elif value != current:
+                flag = flag_name(flag_field)
+                raise ConfigError(
+                    f"--set {key}={value} conflicts with {flag} {current}: {flag} {SEARCH_FLAG_ROLES[key]}; "
+                    f"pass {flag} {value} instead of --set {key}"
+                )
 
     @property
     def experiment(self) -> ExperimentDir:

@@ -21,6 +21,10 @@ still recorded in the leaderboard).
 runs first, before its random start-up trials: the defaults mura-tune ships. ASHA then
 compares every new trial, rung by rung, with a model worth having, and the ensemble has one
 from the first minutes on (random search, the baseline, starts from nothing).
+
+A dimension the user fixes (``--set depth=2``) leaves the search: the function is handed a
+:class:`FixedTrial`, whose ``suggest_*`` of a fixed name returns the fixed value and registers
+nothing in Optuna, so conditional code sees the fixed value and TPE never proposes one.
 """
 
 from __future__ import annotations
@@ -82,25 +86,77 @@ class SearchSpace:
                 points.append(kept)
         return points
 
-    def sampler_fn(self, preset: str | None = None) -> Callable[[optuna.Trial], dict | None]:
-        """The define-by-run function with the preset's ``space_args`` bound (picklable)."""
+    def sampler_fn(
+        self, preset: str | None = None, fixed: dict[str, Any] | None = None
+    ) -> Callable[[optuna.Trial], dict | None]:
+        """The define-by-run function with the preset's ``space_args`` bound (picklable); the
+        dimensions named in ``fixed`` (the user's ``--set``) are not searched."""
         args = self.presets.get(preset or "", {}).get("space_args")
-        return functools.partial(self.sample, **args) if args else self.sample
+        fn = functools.partial(self.sample, **args) if args else self.sample
+        return functools.partial(_sample_fixed, fn, dict(fixed)) if fixed else fn
 
     def dimensions(
-        self, n_samples: int = 64, seed: int = 0, preset: str | None = None
+        self,
+        n_samples: int = 64,
+        seed: int = 0,
+        preset: str | None = None,
+        fixed: dict[str, Any] | None = None,
     ) -> dict[str, optuna.distributions.BaseDistribution]:
-        """Every dimension the space can sample (conditional ones included), found by sampling."""
+        """Every dimension the space can sample (conditional ones included), found by sampling;
+        with ``fixed``, those the search keeps once the fixed names are taken out."""
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
         dims: dict[str, optuna.distributions.BaseDistribution] = {}
-        sample = self.sampler_fn(preset)
+        sample = self.sampler_fn(preset, fixed=fixed)
         for _ in range(n_samples):
             trial = study.ask()
             sample(trial)
             dims.update(trial.distributions)
             study.tell(trial, 0.0)
         return dims
+
+
+class FixedTrial:
+    """The Optuna trial a space function sees when the user fixed some of its dimensions.
+
+    ``suggest_*`` of a fixed name returns the fixed value without asking Optuna (nothing is
+    registered, so TPE never proposes it and the trial's params do not hold it); every other
+    call goes to the real trial.
+    """
+
+    def __init__(self, trial, fixed: dict[str, Any]):
+        self._trial, self._fixed = trial, fixed
+
+    def _suggest(self, method: str, name: str, *args, **kwargs):
+        if name in self._fixed:
+            return self._fixed[name]
+        return getattr(self._trial, method)(name, *args, **kwargs)
+
+    def suggest_float(self, name: str, *args, **kwargs):
+        return self._suggest("suggest_float", name, *args, **kwargs)
+
+    def suggest_int(self, name: str, *args, **kwargs):
+        return self._suggest("suggest_int", name, *args, **kwargs)
+
+    def suggest_categorical(self, name: str, *args, **kwargs):
+        return self._suggest("suggest_categorical", name, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._trial, name)
+
+
+def _sample_fixed(sample: Callable, fixed: dict[str, Any], trial, **kwargs):
+    """``sample`` on a :class:`FixedTrial` (module level, so the searcher's state pickles it)."""
+    return sample(FixedTrial(trial, fixed), **kwargs)
+
+
+def fixed_dimensions(
+    space: SearchSpace, overrides: dict[str, Any], preset: str | None = None
+) -> dict[str, Any]:
+    """The user's ``--set`` values of dimensions ``space`` searches (with ``preset``): they leave
+    the search."""
+    dims = space.dimensions(preset=preset)
+    return {k: v for k, v in overrides.items() if k in dims}
 
 
 _REGISTRY: dict[str, SearchSpace] = {}

@@ -77,8 +77,8 @@ def trial_main(params: dict, ctx: dict) -> None:
     if ctx["cpus_per_trial"] and config.device in ("auto", "cpu") and not torch.cuda.is_available():
         config = config.updated({"threads": max(1, int(ctx["cpus_per_trial"]))})
     fault = _fault(ctx, index)
-    if fault and fault[0] == "nan":  # an infinite learning rate: the loss becomes NaN in epoch 1
-        config = config.updated({"lr": float("inf")}, source="MURA_TUNE_FAULT=nan")
+    if fault and fault[0] == "nan":  # a finite but absurd learning rate: NaN loss in epoch 1
+        config = config.updated({"lr": NAN_FAULT_LR}, source="MURA_TUNE_FAULT=nan")
     previous = read_json(trial.trial_json) or {}
     last_error = read_json(trial.error)
     attempt = {
@@ -150,6 +150,10 @@ def search_report(metrics: dict) -> dict:
 
 
 FAULT_KINDS = ("raise", "oom", "nan")
+#: The ``nan`` fault's learning rate: finite (a config refuses inf), yet Adam's first step moves
+#: every weight by ~1e38, so activations overflow and the loss is NaN from the second batch on.
+#: (Not higher: Adam's bias-corrected step, lr / 0.1, must stay below float32's 3.4e38.)
+NAN_FAULT_LR = 1e37
 
 
 def _fault(ctx: dict, index: int | None) -> tuple[str, int] | None:
@@ -157,7 +161,7 @@ def _fault(ctx: dict, index: int | None) -> tuple[str, int] | None:
 
     ``MURA_TUNE_FAULT=KIND@EPOCH`` makes trials fail after that epoch's training, before the
     epoch is reported: ``raise`` (a RuntimeError), ``oom`` (``torch.OutOfMemoryError``) or
-    ``nan`` (the learning rate becomes inf, so the loss is NaN in epoch 1 and run_training
+    ``nan`` (the learning rate becomes ``NAN_FAULT_LR``, so the loss is NaN in epoch 1 and run_training
     stops the trial as diverged; EPOCH is ignored). ``MURA_TUNE_FAULT_TRIALS=1,3`` limits it to
     those trials, numbered 1, 2, ... in the order the searcher created them (``t<N>_<id>``
     in Ray's trial names); without it every trial fails. Several faults at once:

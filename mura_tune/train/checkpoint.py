@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from mura_tune.errors import DataError
+from mura_tune.errors import REFUSED_PICKLE, DataError, without_unsafe_advice
 from mura_tune.io import atomic_path
 from mura_tune.train.config import TrainConfig
 from mura_tune.train.models import MuraNet, build_model
@@ -35,20 +35,40 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[MuraNet, TrainConfig]:
-    """Rebuild a model from ``best.pt`` (``weights_only=True``: no pickled code is executed)."""
+    """Rebuild a model from ``best.pt`` (``weights_only=True``: no pickled code is executed).
+
+    Raises:
+        DataError: the file is missing, unreadable, holds pickled objects, or is not a checkpoint
+            written by ``mura-tune train`` (other keys, or weights that do not fit its config).
+        ConfigError: its config breaks a rule of this version.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"checkpoint not found: {path}")
     try:
         blob = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError:
-        raise DataError(
-            f"refusing checkpoint {path}: it holds pickled objects other than tensors "
-            "(checkpoints are loaded with weights_only=True)"
-        ) from None
+        raise DataError(f"refusing checkpoint {path}: {REFUSED_PICKLE}") from None
     except Exception as exc:
-        raise DataError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from None
+        reason = without_unsafe_advice(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise DataError(f"cannot load checkpoint {path}: {reason}") from None
+    if not (
+        isinstance(blob, dict)
+        and isinstance(blob.get("config"), dict)
+        and isinstance(blob.get("state_dict"), dict)
+    ):
+        found = sorted(map(str, blob))[:6] if isinstance(blob, dict) else type(blob).__name__
+        raise DataError(
+            f"{path} is not a checkpoint written by `mura-tune train` (expected a dict with "
+            f"state_dict and config, found {found})"
+        )
     config = TrainConfig.from_dict({**blob["config"], "pretrained": "none"}, source=str(path))
     net = build_model(config)
-    net.load_state_dict(blob["state_dict"])
+    try:
+        net.load_state_dict(blob["state_dict"])
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise DataError(
+            f"{path}: its weights do not fit the {config.model} its config describes "
+            f"({str(exc).splitlines()[0][:200]})"
+        ) from None
     return net.eval(), config

@@ -9,16 +9,16 @@ Every field has a comment; :meth:`TrainConfig.validate` states the broken rule a
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mura_tune.constants import BODY_PARTS, METRIC
-from mura_tune.errors import ConfigError
+from mura_tune.constants import BODY_PARTS, METRIC, VAL_METRICS
+from mura_tune.errors import ConfigError, closest
 from mura_tune.io import write_json, write_yaml
 
 CUSTOM_CNN = "custom_cnn"
@@ -100,10 +100,16 @@ class TrainConfig:
                 _has_type(value, kind),
                 f"{name} must be {_KIND_TEXT.get(kind, kind)}, got {value!r}",
             )
+        for name, kind in _TYPES.items():  # inf and nan pass no rule below by accident
+            value = getattr(self, name)
+            rule(
+                kind != "float" or math.isfinite(value),
+                f"{name} must be a finite number, got {value}",
+            )
         rule(
             self.model in MODELS,
             f"model must be one of {', '.join(MODELS)}, got {self.model!r}"
-            + _closest(self.model, MODELS),
+            + closest(self.model, MODELS),
         )
         for name in (
             "depth",
@@ -157,13 +163,21 @@ class TrainConfig:
             or self.body_part in BODY_PARTS
             or not self.body_part.startswith("XR_"),
             f"body_part must be one of {', '.join(BODY_PARTS)}, got {self.body_part!r}"
-            + _closest(str(self.body_part), BODY_PARTS),
+            + closest(str(self.body_part), BODY_PARTS),
         )
         rule(
             self.lr_patience >= 0 and self.early_stop_patience >= 1,
             "lr_patience must be >= 0 and early_stop_patience >= 1",
         )
         rule(self.num_workers >= 0 and self.threads >= 0, "num_workers and threads must be >= 0")
+        rule(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
+        rule(self.image_size <= 2048, f"image_size must be <= 2048, got {self.image_size}")
+        rule(
+            self.select_metric in VAL_METRICS,
+            f"select_metric must be a metric a run reports on val ({', '.join(VAL_METRICS[:7])} or "
+            f"val_kappa_study_<PART>/val_auc_<PART>), got {self.select_metric!r}"
+            + closest(self.select_metric, VAL_METRICS),
+        )
         return self
 
     # ---------------------------------------------------------------------------------------
@@ -180,7 +194,7 @@ class TrainConfig:
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = [k for k in values if k not in names]
         if unknown:
-            raise ConfigError(f"{source}: unknown key {unknown[0]!r}" + _closest(unknown[0], names))
+            raise ConfigError(f"{source}: unknown key {unknown[0]!r}" + closest(unknown[0], names))
         try:
             return cls(**{k: _coerce(k, v) for k, v in values.items()}).validate()
         except ConfigError as exc:
@@ -280,8 +294,3 @@ def _coerce(name: str, value: Any) -> Any:
     if name == "pretrained" and value is None:
         return "none"
     return value
-
-
-def _closest(name: str, options) -> str:
-    match = difflib.get_close_matches(name, list(options), n=1)
-    return f" (did you mean {match[0]!r}?)" if match else ""

@@ -181,7 +181,8 @@ def run_training(
             ``stopped``.
 
     Raises:
-        TrialDiverged: the training loss became NaN/inf (status ``diverged`` is written first).
+        TrialDiverged: the training loss, or the val predictions, became NaN/inf (status
+            ``diverged`` is written first).
     """
     config.validate()
     check_weights_split(
@@ -276,23 +277,24 @@ def run_training(
             stop=should_stop,
         )
         budget_spent = should_stop is not None and should_stop()
+        diverged = None
         if not math.isfinite(train_loss):
+            diverged = f"training loss became {train_loss} at epoch {epoch + 1}"
+        else:
+            val_probs = predict(kept, data, data.val, engine, config.batch_size, config.tta_flip)
+            if not np.isfinite(val_probs).all():  # the epoch's last update overflowed the weights
+                diverged = (
+                    f"the weights became non-finite at epoch {epoch + 1} (val predictions are NaN)"
+                )
+        if diverged:
             status = TrialStatus.DIVERGED
             history.append({"epoch": epoch + 1, "train_loss": train_loss, "status": status.value})
             write_parquet(run.metrics, pd.DataFrame(history))
             _write_summary(
-                run,
-                config,
-                summary_base,
-                history,
-                best,
-                status,
-                started,
-                reason=f"training loss became {train_loss} at epoch {epoch + 1}",
+                run, config, summary_base, history, best, status, started, reason=diverged
             )
-            raise TrialDiverged(f"training loss became {train_loss} at epoch {epoch + 1}")
+            raise TrialDiverged(diverged)
 
-        val_probs = predict(kept, data, data.val, engine, config.batch_size, config.tta_flip)
         val_frame = data.val.table.assign(prob=val_probs)
         metrics = {
             "epoch": epoch + 1,

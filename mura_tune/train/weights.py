@@ -37,7 +37,7 @@ from urllib.parse import urlparse
 import pandas as pd
 import torch
 
-from mura_tune.errors import WeightsError
+from mura_tune.errors import WeightsError, without_unsafe_advice
 from mura_tune.home import weights_dir
 from mura_tune.train.config import CUSTOM_CNN
 
@@ -144,7 +144,8 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsError(f"cannot read weights {path}: {str(exc).splitlines()[0]}") from None
+        reason = without_unsafe_advice(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise WeightsError(f"cannot read weights {path}: {reason}") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
