@@ -28,6 +28,7 @@ else::
         manifest.json                    what was chosen, how, and from where (MANIFEST_KEYS)
         predictions.parquet              the ensemble's study probabilities on val and test
         report.json                      val and test scores with intervals
+        model.onnx, model.onnx.json      `mura-tune export`: the ensemble as one model, and its sidecar
 
 :class:`TrialStatus` is the one vocabulary of trial states, and :data:`GENERALIST_SCOPE` /
 :data:`GENERALIST_ENSEMBLE` name the generalist in a search and in a manifest.
@@ -68,6 +69,8 @@ RECOVERED_FILE = "recovered.json"
 # --- ensemble ------------------------------------------------------------------------------------
 MANIFEST_FILE = "manifest.json"
 ENSEMBLE_REPORT_FILE = "report.json"
+#: ``mura-tune export`` writes ``model.<format suffix>`` and its sidecar ``model.<suffix>.json``.
+EXPORTED_MODEL = "model"
 #: Keys of every manifest.json: ``name``, ``experiment`` (its folder), ``split_manifest``,
 #: ``settings`` (max_size, metric, seed, prune_top, specialists, margin, n_boot), ``candidates``,
 #: ``n_skipped``/``skipped``, ``routing`` (part -> served_by, scores, reason), ``ensembles``
@@ -183,6 +186,10 @@ class EnsembleDir:
     manifest = property(lambda self: self.path / MANIFEST_FILE)
     predictions = property(lambda self: self.path / PREDICTIONS_FILE)
     report = property(lambda self: self.path / ENSEMBLE_REPORT_FILE)
+
+    def exported(self, suffix: str) -> Path:
+        """The model ``mura-tune export`` writes by default (``model.onnx``, ``model.pt``)."""
+        return self.path / f"{EXPORTED_MODEL}{suffix}"
 
 
 def study_name(experiment: str, scope: str) -> str:

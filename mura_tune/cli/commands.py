@@ -279,6 +279,21 @@ def predict(args) -> int:
     return 0
 
 
+def export(args) -> int:
+    from mura_tune.ensemble.export import export_ensemble
+
+    result = export_ensemble(
+        args.ensemble, **options(args, "format", "out", "data", "check_studies")
+    )
+    print(
+        f"exported {args.ensemble} as {args.format}: {result.size_bytes / 1e6:.1f} MB in "
+        f"{result.seconds:.1f} s; max |{args.format} - predict| = {result.max_abs_diff:.1e} "
+        f"on {result.n_studies} studies"
+    )
+    paths_written(result.model, result.sidecar)
+    return 0
+
+
 def report(args) -> int:
     from mura_tune.report.html import write_report
 
@@ -328,6 +343,7 @@ HANDLERS = {
     "ensemble": ensemble,
     "evaluate": evaluate,
     "predict": predict,
+    "export": export,
     "report": report,
     "cam": cam,
     "compare": compare,

@@ -60,6 +60,7 @@ COMMANDS = (
     "ensemble",
     "evaluate",
     "predict",
+    "export",
     "report",
     "cam",
     "compare",
@@ -246,6 +247,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         required=True,
         help="predictions.csv (MURA submission format; a .parquet is written beside it)",
+    )
+
+    p = sub.add_parser(
+        "export",
+        help="export an ensemble as one ONNX (or TorchScript) model, checked against predict",
+    )
+    p.add_argument("--ensemble", required=True, help="ensembles/NAME")
+    p.add_argument("--format", default="onnx", help="onnx (default) or torchscript")
+    p.add_argument("--out", help="the model file (default ensembles/NAME/model.onnx or model.pt)")
+    p.add_argument(
+        "--data",
+        help="studies to check the model on (as predict --data; default: the experiment's val studies)",
+    )
+    p.add_argument(
+        "--check-studies",
+        type=POSITIVE_INT,
+        default=32,
+        help="studies the check runs (default 32; body parts in turn)",
     )
 
     p = sub.add_parser("report", help="HTML report of an experiment (and ensemble)")
