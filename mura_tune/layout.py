@@ -13,6 +13,7 @@ else::
         specialists/<PART>/              Ray Tune's folder of each specialist scope
         orphaned/<id>/                   trials a killed driver started but Ray never recorded
         report/                          report.html and its PNGs
+        mlruns/                          MLflow's store of a search run with --mlflow: mlflow.db, artifacts/
         trials/<id>/                     TrialDir: one trial (also what `mura-tune train` writes)
             trial.json                   who ran it: params, scope, node, attempts
             config.yaml                  the TrainConfig
@@ -54,6 +55,8 @@ SPECIALISTS_DIR = "specialists"
 ORPHANED_DIR = "orphaned"
 REPORT_DIR = "report"
 REPORT_HTML = "report.html"
+MLFLOW_DIR = "mlruns"
+MLFLOW_DB = "mlflow.db"
 #: Ray Tune's folder of a trial inside its scope's Ray folder: ``ray-<trial id>``.
 RAY_TRIAL_PREFIX = "ray-"
 # --- trial ---------------------------------------------------------------------------------------
@@ -164,6 +167,7 @@ class ExperimentDir:
     specialists = property(lambda self: self.path / SPECIALISTS_DIR)
     orphaned = property(lambda self: self.path / ORPHANED_DIR)
     report = property(lambda self: self.path / REPORT_DIR)
+    mlruns = property(lambda self: self.path / MLFLOW_DIR)
 
     def trial(self, trial_id: str) -> TrialDir:
         return TrialDir(self.path / TRIALS_DIR / trial_id)

@@ -190,7 +190,9 @@ def search(args) -> int:
     from mura_tune.train.config import parse_overrides
 
     if args.resume:
-        plan = SearchPlan.for_resume(args.results, args.name, args.space, address=args.address)
+        plan = SearchPlan.for_resume(
+            args.results, args.name, args.space, address=args.address, mlflow=args.mlflow
+        )
     else:  # the plan checks every flag before torch or Ray is imported
         names = [f.name for f in fields(SearchPlan) if f.init and f.name != "overrides"]
         plan = SearchPlan(**options(args, *names), overrides=parse_overrides(args.set))
@@ -244,7 +246,9 @@ def leaderboard(args) -> int:
 # --- ensemble / evaluate / predict ------------------------------------------------------------------
 def ensemble(args) -> int:
     from mura_tune.ensemble.build import build_ensemble, format_report
+    from mura_tune.search.tracking import ensemble_store
 
+    tracked = ensemble_store(args.experiment, args.mlflow)  # a bad --mlflow fails before the build
     out = EnsembleDir(
         build_ensemble(
             args.experiment,
@@ -258,6 +262,11 @@ def ensemble(args) -> int:
     if skipped:
         print(f"\nskipped {skipped} trials (see {out.manifest.name})")
     paths_written(out.manifest, out.predictions, out.report)
+    if tracked:
+        from mura_tune.search.tracking import log_ensemble
+
+        run_id = log_ensemble(*tracked, out.path)
+        print(f"logged the ensemble as MLflow run {run_id} ({tracked[0]})")
     return 0
 
 

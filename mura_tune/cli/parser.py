@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="a part's own ensemble must beat the generalist by this",
     )
     p.add_argument("--seed", type=int, default=0)
+    _mlflow_arg(
+        p, "log the ensemble as an MLflow run (default: if the search used --mlflow, its store)"
+    )
 
     p = sub.add_parser("evaluate", help="score a predictions file with bootstrap intervals")
     _data_arg(p)
@@ -395,6 +398,18 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
         "--random-search",
         action="store_true",
         help="baseline: random sampling and no early stopping",
+    )
+    _mlflow_arg(p, "log every trial as an MLflow run")
+
+
+def _mlflow_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--mlflow",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="URI",
+        help=f"{what} (default store: RESULTS/EXP/mlruns/mlflow.db; or a tracking URI or folder)",
     )
 
 

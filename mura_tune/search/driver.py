@@ -136,7 +136,7 @@ def build_tuner(
             failure_config=tune.FailureConfig(max_failures=plan.max_failures),
             progress_reporter=reporter,
             stop=stop,
-            callbacks=list(callbacks),
+            callbacks=[*callbacks, *_trackers(plan, scope)],
             verbose=verbose,
         ),
     )
@@ -154,6 +154,15 @@ def concurrency(plan: SearchPlan) -> int:
     if plan.gpus_per_trial:
         slots = min(slots, total.get("GPU", 0.0) / plan.gpus_per_trial)
     return max(1, int(slots + 1e-9))
+
+
+def _trackers(plan: SearchPlan, scope: str) -> list:
+    """The MLflow callback of a search run with ``--mlflow`` (MLflow is imported only then)."""
+    if not plan.mlflow:
+        return []
+    from mura_tune.search.tracking_callback import TrialRuns
+
+    return [TrialRuns(plan, scope)]
 
 
 def _report_params(space, plan) -> list[str]:
@@ -210,6 +219,10 @@ def run_search(
             )
         prepare_experiment(plan)
         plan.save()
+    if plan.mlflow:  # a store that cannot be opened fails here, in one line, before any trial
+        from mura_tune.search.tracking import open_experiment
+
+        open_experiment(plan.mlflow, plan.name)
     log.info(
         f"experiment {plan.exp_dir} ({', '.join(f'{s}: {n} trials' for s, n in plan.scopes.items())})"
     )
@@ -246,9 +259,14 @@ def run_search(
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)
     try:
-        return SearchResult(plan, build_leaderboard(plan.exp_dir), interrupted, budget_reached)
+        board = build_leaderboard(plan.exp_dir)
     except ExperimentError as exc:  # stopped before any trial started
         return SearchResult(plan, None, interrupted, budget_reached, note=str(exc))
+    if plan.mlflow:
+        from mura_tune.search.tracking import record_leaderboard
+
+        record_leaderboard(plan.mlflow, plan.name, board)
+    return SearchResult(plan, board, interrupted, budget_reached)
 
 
 def _forward_sigterm():
