@@ -13,9 +13,10 @@ MLflow experiment is named after the mura-tune experiment; the choice is saved i
 Per trial (:class:`~mura_tune.search.tracking_callback.TrialRuns`, Ray Tune's
 ``MLflowLoggerCallback`` with a run per trial id): the hyperparameters (the searched ones and
 the config every trial shares) as params, every reported epoch's metrics with ``step = epoch``
-(``best_val_kappa_study`` is the best epoch's val kappa so far), and once the leaderboard is
-built (:func:`record_leaderboard`) its word on the trial: tag ``status`` (COMPLETED, PRUNED or
-ERROR, with ``reason``), tags ``checkpoint_path``, ``predictions_path`` and ``trial_dir``, the
+(as the trial reports them: ``val_kappa_study`` is the kept checkpoint's, ``epoch_val_kappa_study``
+the epoch's own), and once the leaderboard is built (:func:`record_leaderboard`) its word on the
+trial: tag ``status`` (COMPLETED, PRUNED or ERROR, with ``reason``), tags ``checkpoint_path``,
+``predictions_path`` and ``trial_dir``, ``best_val_kappa_study`` (the leaderboard's val kappa), the
 test metrics of the chosen checkpoint, and MLflow's own run status (FINISHED, KILLED for a pruned
 trial, FAILED). Per ensemble (:func:`log_ensemble`): its settings, members and weights per route,
 routing, val and test figures, with ``manifest.json`` and ``report.json`` as artifacts.
