@@ -47,6 +47,7 @@ _API = {
     "GreedyEnsemble": "mura_tune.ensemble.greedy",
     "build_ensemble": "mura_tune.ensemble.build",
     "predict_with_ensemble": "mura_tune.ensemble.predict",
+    "export_ensemble": "mura_tune.ensemble.export",
     "evaluate_file": "mura_tune.report.evaluate",
     "write_report": "mura_tune.report.html",
 }
@@ -70,6 +71,7 @@ __all__ = [
     "GreedyEnsemble",
     "build_ensemble",
     "predict_with_ensemble",
+    "export_ensemble",
     "evaluate_file",
     "write_report",
 ]
@@ -79,6 +81,7 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time the names load o
     from mura_tune.data.split import assign_split
     from mura_tune.data.synth import synthesize
     from mura_tune.ensemble.build import build_ensemble
+    from mura_tune.ensemble.export import export_ensemble
     from mura_tune.ensemble.greedy import GreedyEnsemble
     from mura_tune.ensemble.predict import predict_with_ensemble
     from mura_tune.report.evaluate import evaluate_file

@@ -20,6 +20,7 @@ else::
             folds.parquet                the split with each train+val image's fold (test: -1)
             fold<k>.parquet              the split fold model k trains on (its held-out fold is "val")
             experiment_state-*.json      Ray Tune's state of the refit trials
+        mlruns/                          MLflow's store of a search run with --mlflow: mlflow.db, artifacts/
         trials/<id>/                     TrialDir: one trial (also what `mura-tune train` writes)
             trial.json                   who ran it: params, scope, node, attempts
             config.yaml                  the TrainConfig
@@ -38,6 +39,7 @@ else::
         predictions.parquet              the ensemble's study probabilities on val and test
         report.json                      scores with intervals; every selection method's optimism
         methods.parquet                  every selection method's study decisions (selection set, test)
+        model.onnx, model.onnx.json      `mura-tune export`: the ensemble as one model, and its sidecar
 
 :class:`TrialStatus` is the one vocabulary of trial states, and :data:`GENERALIST_SCOPE` /
 :data:`GENERALIST_ENSEMBLE` name the generalist in a search and in a manifest.
@@ -68,6 +70,8 @@ REFIT_FILE = "refit.json"
 FOLDS_FILE = "folds.parquet"
 DRIVER_LOCK = ".driver.lock"
 RAY_LOG_FILE = "ray.log"
+MLFLOW_DIR = "mlruns"
+MLFLOW_DB = "mlflow.db"
 #: Ray Tune's folder of a trial inside its scope's Ray folder: ``ray-<trial id>``.
 RAY_TRIAL_PREFIX = "ray-"
 # --- trial ---------------------------------------------------------------------------------------
@@ -84,6 +88,8 @@ RECOVERED_FILE = "recovered.json"
 MANIFEST_FILE = "manifest.json"
 ENSEMBLE_REPORT_FILE = "report.json"
 METHODS_FILE = "methods.parquet"
+#: ``mura-tune export`` writes ``model.<format suffix>`` and its sidecar ``model.<suffix>.json``.
+EXPORTED_MODEL = "model"
 #: Keys of every manifest.json: ``name``, ``experiment`` (its folder), ``split_manifest``,
 #: ``settings`` (max_size, metric, seed, prune_top, specialists, margin, n_boot), ``candidates``,
 #: ``n_skipped``/``skipped``, ``routing`` (part -> served_by, scores, reason), ``ensembles``
@@ -193,6 +199,7 @@ class ExperimentDir:
     cv = property(lambda self: RefitDir(self.path / CV_DIR))
     lock = property(lambda self: self.path / DRIVER_LOCK)
     ray_log = property(lambda self: self.path / RAY_LOG_FILE)
+    mlruns = property(lambda self: self.path / MLFLOW_DIR)
 
     def trial(self, trial_id: str) -> TrialDir:
         return TrialDir(self.path / TRIALS_DIR / trial_id)
@@ -230,6 +237,10 @@ class EnsembleDir:
     predictions = property(lambda self: self.path / PREDICTIONS_FILE)
     report = property(lambda self: self.path / ENSEMBLE_REPORT_FILE)
     methods = property(lambda self: self.path / METHODS_FILE)
+
+    def exported(self, suffix: str) -> Path:
+        """The model ``mura-tune export`` writes by default (``model.onnx``, ``model.pt``)."""
+        return self.path / f"{EXPORTED_MODEL}{suffix}"
 
 
 def study_name(experiment: str, scope: str) -> str:

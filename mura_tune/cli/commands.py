@@ -197,7 +197,9 @@ def search(args) -> int:
     from mura_tune.train.config import parse_overrides
 
     if args.resume:
-        plan = SearchPlan.for_resume(args.results, args.name, args.space, address=args.address)
+        plan = SearchPlan.for_resume(
+            args.results, args.name, args.space, address=args.address, mlflow=args.mlflow
+        )
     else:  # the plan checks every flag before torch or Ray is imported
         names = [f.name for f in fields(SearchPlan) if f.init and f.name != "overrides"]
         plan = SearchPlan(**options(args, *names), overrides=parse_overrides(args.set))
@@ -258,7 +260,9 @@ ENSEMBLE_FLAGS += ("margin", "seed", "bags", "bag_fraction", "threshold")
 def ensemble(args) -> int:
     from mura_tune.ensemble.build import build_ensemble
     from mura_tune.ensemble.record import format_report
+    from mura_tune.search.tracking import ensemble_store
 
+    tracked = ensemble_store(args.experiment, args.mlflow)  # a bad --mlflow fails before the build
     if args.cv is not None:
         from mura_tune.search.refit import RefitPlan, run_refit
 
@@ -277,6 +281,11 @@ def ensemble(args) -> int:
         print(f"\nskipped {skipped} trials (see {out.manifest.name})")
     methods = [out.methods] if out.methods.exists() else []
     paths_written(out.manifest, out.predictions, out.report, *methods)
+    if tracked:
+        from mura_tune.search.tracking import log_ensemble
+
+        run_id = log_ensemble(*tracked, out.path)
+        print(f"logged the ensemble as MLflow run {run_id} ({tracked[0]})")
     return 0
 
 
@@ -300,6 +309,21 @@ def predict(args) -> int:
 
     written = predict_with_ensemble(args.ensemble, args.data, args.out)
     paths_written(*written)
+    return 0
+
+
+def export(args) -> int:
+    from mura_tune.ensemble.export import export_ensemble
+
+    result = export_ensemble(
+        args.ensemble, **options(args, "format", "out", "data", "check_studies")
+    )
+    print(
+        f"exported {args.ensemble} as {args.format}: {result.size_bytes / 1e6:.1f} MB in "
+        f"{result.seconds:.1f} s; max |{args.format} - predict| = {result.max_abs_diff:.1e} "
+        f"on {result.n_studies} studies"
+    )
+    paths_written(result.model, result.sidecar)
     return 0
 
 
@@ -352,6 +376,7 @@ HANDLERS = {
     "ensemble": ensemble,
     "evaluate": evaluate,
     "predict": predict,
+    "export": export,
     "report": report,
     "cam": cam,
     "compare": compare,

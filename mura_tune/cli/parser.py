@@ -61,6 +61,7 @@ COMMANDS = (
     "ensemble",
     "evaluate",
     "predict",
+    "export",
     "report",
     "cam",
     "compare",
@@ -270,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", help="with --cv: the Ray cluster to refit on (default: the search's)"
     )
     p.add_argument("--seed", type=SEED, default=0)
+    _mlflow_arg(
+        p, "log the ensemble as an MLflow run (default: if the search used --mlflow, its store)"
+    )
 
     p = sub.add_parser("evaluate", help="score a predictions file with bootstrap intervals")
     _data_arg(p)
@@ -296,6 +300,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         required=True,
         help="predictions.csv (MURA submission format; a .parquet is written beside it)",
+    )
+
+    p = sub.add_parser(
+        "export",
+        help="export an ensemble as one ONNX (or TorchScript) model, checked against predict",
+    )
+    p.add_argument("--ensemble", required=True, help="ensembles/NAME")
+    p.add_argument("--format", default="onnx", help="onnx (default) or torchscript")
+    p.add_argument("--out", help="the model file (default ensembles/NAME/model.onnx or model.pt)")
+    p.add_argument(
+        "--data",
+        help="studies to check the model on (as predict --data; default: the experiment's val studies)",
+    )
+    p.add_argument(
+        "--check-studies",
+        type=POSITIVE_INT,
+        default=32,
+        help="studies the check runs (default 32; body parts in turn)",
     )
 
     p = sub.add_parser("report", help="HTML report of an experiment (and ensemble)")
@@ -426,6 +448,18 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
         "--random-search",
         action="store_true",
         help="baseline: random sampling and no early stopping",
+    )
+    _mlflow_arg(p, "log every trial as an MLflow run")
+
+
+def _mlflow_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--mlflow",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="URI",
+        help=f"{what} (default store: RESULTS/EXP/mlruns/mlflow.db; or a tracking URI or folder)",
     )
 
 

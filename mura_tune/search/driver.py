@@ -155,7 +155,7 @@ def build_tuner(
             failure_config=tune.FailureConfig(max_failures=plan.max_failures),
             progress_reporter=reporter,
             stop=stop,
-            callbacks=list(callbacks),
+            callbacks=[*callbacks, *_trackers(plan, scope)],
             verbose=verbose,
         ),
     )
@@ -173,6 +173,15 @@ def concurrency(plan: SearchPlan) -> int:
     if plan.gpus_per_trial:
         slots = min(slots, total.get("GPU", 0.0) / plan.gpus_per_trial)
     return max(1, int(slots + 1e-9))
+
+
+def _trackers(plan: SearchPlan, scope: str) -> list:
+    """The MLflow callback of a search run with ``--mlflow`` (MLflow is imported only then)."""
+    if not plan.mlflow:
+        return []
+    from mura_tune.search.tracking_callback import TrialRuns
+
+    return [TrialRuns(plan, scope)]
 
 
 def _report_params(space, plan) -> list[str]:
@@ -228,6 +237,10 @@ def run_search(
             _refuse_existing(plan)
             prepare_experiment(plan)
             plan.save()
+        if plan.mlflow:  # a store that cannot be opened fails here, in one line, before any trial
+            from mura_tune.search.tracking import open_experiment
+
+            open_experiment(plan.mlflow, plan.name)
         log.info(
             f"experiment {plan.exp_dir} ({', '.join(f'{s}: {n} trials' for s, n in plan.scopes.items())})"
         )
@@ -243,6 +256,10 @@ def run_search(
             result = SearchResult(plan, None, interrupted, budget_reached, note=str(exc))
         else:
             result = SearchResult(plan, board, interrupted, budget_reached)
+            if plan.mlflow:
+                from mura_tune.search.tracking import record_leaderboard
+
+                record_leaderboard(plan.mlflow, plan.name, board)
     if not (interrupted or budget_reached):
         result.failed = failure_line(plan, result.leaderboard, result.note)
     return result

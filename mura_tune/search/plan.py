@@ -96,6 +96,9 @@ class SearchPlan:
         random_search: the baseline: random sampling and no early stopping.
         time_budget_s: wall-clock budget of each scope's Ray Tune run (Ray's ``time_budget_s``).
         address: join the Ray cluster at ``auto`` or ``HOST:PORT`` (default: a private local Ray).
+        mlflow: log every trial as an MLflow run: ``True`` for the experiment's own store
+            (``<exp>/mlruns/mlflow.db``) or a tracking URI (see :mod:`mura_tune.search.tracking`);
+            saved resolved, so ``--resume`` keeps logging.
 
     Resolved when the plan is made (not arguments): ``exp_dir``, ``fixed`` (the config every
     trial shares: space + preset + overrides), ``fixed_dimensions`` (dimensions of the space
@@ -131,6 +134,7 @@ class SearchPlan:
     random_search: bool = False
     time_budget_s: float | None = None
     address: str | None = None
+    mlflow: str | bool | None = None
     # --- resolved ---------------------------------------------------------------------------------
     exp_dir: str = field(init=False, default="")
     fixed: dict[str, Any] = field(init=False, default_factory=dict)
@@ -234,6 +238,12 @@ class SearchPlan:
         self.data = str(Path(self.data).expanduser().resolve()) if self.data else None
         self.exp_dir = str(results / self.name)
         self.split_path = str(self.experiment.split)
+        if self.mlflow or self.mlflow == "":
+            from mura_tune.search.tracking import store_uri  # light: MLflow is not imported
+
+            self.mlflow = store_uri(self.mlflow, self.experiment)
+        else:
+            self.mlflow = None
         self.created = time.time()
 
     def _adopt_overrides(self) -> None:
@@ -291,13 +301,22 @@ class SearchPlan:
 
     @classmethod
     def for_resume(
-        cls, results: str, name: str | None, space: str, address: str | None = None
+        cls,
+        results: str,
+        name: str | None,
+        space: str,
+        address: str | None = None,
+        mlflow: str | bool | None = None,
     ) -> SearchPlan:
         """The saved plan of experiment ``name``, to continue it (``--resume``).
 
+        A search started with ``--mlflow`` keeps logging to its store; ``mlflow`` (the flag given
+        again) cannot add MLflow to a search started without it (Ray restores its callbacks).
+
         Raises:
-            ConfigError: no ``name``, or ``space`` is not the space the experiment searched (a space
-                file recorded in ``experiment.json`` is only executed if the user names it again).
+            ConfigError: no ``name``, ``space`` is not the space the experiment searched (a space
+                file recorded in ``experiment.json`` is only executed if the user names it again),
+                or ``mlflow`` for an experiment that was started without it.
             ExperimentError: there is no such experiment.
         """
         if not name:
@@ -315,6 +334,11 @@ class SearchPlan:
             )
         if address:
             plan.address = address
+        if mlflow is not None and not plan.mlflow:
+            raise ConfigError(
+                f"--resume --mlflow: experiment {plan.name!r} was started without --mlflow, "
+                "and MLflow logging cannot be added to a resumed search"
+            )
         return plan
 
     def resume_command(self) -> str:
