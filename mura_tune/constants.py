@@ -34,6 +34,12 @@ VAL_METRICS = tuple(
     for m in ("kappa_study", "auc", "loss", "kappa_image", "accuracy", "sensitivity", "specificity")
 ) + tuple(f"val_{m}_{part}" for m in ("kappa_study", "auc") for part in BODY_PARTS)
 
+#: ``select_metric`` of a run that keeps its last epoch (the epoch number only grows): a
+#: cross-validated refit's fold models, which select nothing on their held-out fold.
+LAST_EPOCH = "epoch"
+#: What ``select_metric`` may name.
+SELECT_METRICS = (*VAL_METRICS, LAST_EPOCH)
+
 #: The official release's folder name, and its two source splits (``valid`` becomes our test).
 MURA_ROOT = "MURA-v1.1"
 SOURCE_SPLITS = ("train", "valid")

@@ -47,6 +47,12 @@ REFUSED_PICKLE = (
 )
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first line (its type's name when it has no message): the one-line form."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def without_unsafe_advice(text: str) -> str:
     """``text`` with any advice to load a file unsafely (torch's ``weights_only=False`` hint)
     replaced by why the file was refused."""

@@ -247,3 +247,23 @@ def test_image_modes_and_limits(tmp_path):
             preprocess(tmp_path / "big.png", 32)
     finally:
         images.MAX_PIXELS = old
+
+
+def test_own_split_refuses_a_patient_in_val_and_test():
+    import pandas as pd
+
+    from mura_tune.data.split import own_split
+    from mura_tune.errors import DataError
+
+    rows = [("s1", "p1", "train"), ("s2", "p2", "val"), ("s3", "p2", "test"), ("s4", "p3", "test")]
+    table = pd.DataFrame(rows, columns=["study_id", "patient_id", "split"])
+    with pytest.raises(DataError, match="patient 'p2' in val and in test"):
+        own_split(table)
+    assert own_split(table[table["study_id"] != "s3"])["split"].tolist() == ["train", "val", "test"]
+
+
+def test_a_fold_model_may_keep_its_last_epoch():
+    from mura_tune.constants import LAST_EPOCH
+    from mura_tune.train.config import TrainConfig
+
+    assert TrainConfig().updated({"select_metric": LAST_EPOCH}).select_metric == "epoch"

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from mura_tune.errors import ConfigError, DataError, ExperimentError, RunFailed
+from mura_tune.errors import ConfigError, DataError, ExperimentError, RunFailed, first_line
 from mura_tune.layout import EnsembleDir, ExperimentDir, TrialDir, read_json
 
 
@@ -262,7 +262,11 @@ def ensemble(args) -> int:
     from mura_tune.ensemble.record import format_report
     from mura_tune.search.tracking import ensemble_store
 
-    tracked = ensemble_store(args.experiment, args.mlflow)  # a bad --mlflow fails before the build
+    tracked = ensemble_store(args.experiment, args.mlflow)
+    if tracked:  # a store that cannot be opened fails here, in one line, before the build
+        from mura_tune.search.tracking import open_experiment
+
+        open_experiment(*tracked)
     if args.cv is not None:
         from mura_tune.search.refit import RefitPlan, run_refit
 
@@ -284,8 +288,13 @@ def ensemble(args) -> int:
     if tracked:
         from mura_tune.search.tracking import log_ensemble
 
-        run_id = log_ensemble(*tracked, out.path)
-        print(f"logged the ensemble as MLflow run {run_id} ({tracked[0]})")
+        try:  # the ensemble is written already: a tracking failure only warns
+            run_id = log_ensemble(*tracked, out.path)
+        except Exception as exc:  # noqa: BLE001 (MLflow raises many kinds)
+            print(f"mura-tune: warning: the ensemble was not logged to MLflow ({tracked[0]}): "
+                  f"{first_line(exc)}", file=sys.stderr)  # fmt: skip
+        else:
+            print(f"logged the ensemble as MLflow run {run_id} ({tracked[0]})")
     return 0
 
 

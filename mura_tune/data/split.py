@@ -164,14 +164,15 @@ def own_split(table: pd.DataFrame) -> pd.DataFrame:
             "the data's own split column has no train or no val study "
             f"(train {counts.get('train', 0)}, val {counts.get('val', 0)}); drop the column to have mura-tune split it"
         )
-    train_patients = set(studies.loc[studies["split"] == "train", "patient_id"])
-    leaked = studies[(studies["split"] != "train") & studies["patient_id"].isin(train_patients)]
-    if len(leaked):
-        first = leaked.iloc[0]
-        raise DataError(
-            f"the data's own split column puts patient {first['patient_id']!r} in train and in "
-            f"{first['split']} (study {first['study_id']}); splits must be patient-disjoint"
-        )
+    for side, others in (("train", ("val", "test")), ("val", ("test",))):
+        patients = set(studies.loc[studies["split"] == side, "patient_id"])
+        leaked = studies[studies["split"].isin(others) & studies["patient_id"].isin(patients)]
+        if len(leaked):
+            first = leaked.iloc[0]
+            raise DataError(
+                f"the data's own split column puts patient {first['patient_id']!r} in {side} and in "
+                f"{first['split']} (study {first['study_id']}); splits must be patient-disjoint"
+            )
     log.info(
         "using the data's own split column (studies: "
         + ", ".join(f"{k} {int(counts.get(k, 0))}" for k in SPLITS)

@@ -26,7 +26,7 @@ import pandas as pd
 
 from mura_tune.constants import METRIC
 from mura_tune.errors import ExperimentError
-from mura_tune.layout import EnsembleDir, ExperimentDir, TrialDir, TrialStatus
+from mura_tune.layout import NO_SCORE, REFIT_SCOPE, EnsembleDir, ExperimentDir, TrialDir
 from mura_tune.metrics import (
     at_half,
     bootstrap_intervals,
@@ -107,7 +107,9 @@ def _best_trial(experiment: ExperimentDir) -> TrialDir:
     from mura_tune.search.leaderboard import load_leaderboard
 
     board = load_leaderboard(experiment.path)
-    usable = board[(board["status"] != TrialStatus.ERROR) & board[METRIC].notna()]
+    # a search's own trials (a refit's fold models are scored on a held-out fold, not on val)
+    scored = ~board["status"].isin([str(s) for s in NO_SCORE]) & (board["scope"] != REFIT_SCOPE)
+    usable = board[scored & board[METRIC].notna()]
     usable = usable[usable["predictions_path"].notna()].sort_values(
         METRIC, ascending=False, kind="stable"
     )

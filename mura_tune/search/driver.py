@@ -36,7 +36,7 @@ from pathlib import Path
 import pandas as pd
 
 from mura_tune.constants import METRIC, MODE
-from mura_tune.errors import ConfigError, ExperimentError
+from mura_tune.errors import ConfigError, ExperimentError, first_line
 from mura_tune.layout import TrialStatus
 from mura_tune.search.leaderboard import build_leaderboard, read_ray_state
 from mura_tune.search.plan import SearchPlan
@@ -235,12 +235,15 @@ def run_search(
     with claim_experiment(plan.experiment, plan.name):
         if not resume:
             _refuse_existing(plan)
-            prepare_experiment(plan)
-            plan.save()
-        if plan.mlflow:  # a store that cannot be opened fails here, in one line, before any trial
+        if (
+            plan.mlflow
+        ):  # a store that cannot be opened fails here, in one line, before anything is prepared
             from mura_tune.search.tracking import open_experiment
 
             open_experiment(plan.mlflow, plan.name)
+        if not resume:
+            prepare_experiment(plan)
+            plan.save()
         log.info(
             f"experiment {plan.exp_dir} ({', '.join(f'{s}: {n} trials' for s, n in plan.scopes.items())})"
         )
@@ -259,7 +262,12 @@ def run_search(
             if plan.mlflow:
                 from mura_tune.search.tracking import record_leaderboard
 
-                record_leaderboard(plan.mlflow, plan.name, board)
+                try:  # the search's own results are written already: a tracking failure only warns
+                    record_leaderboard(plan.mlflow, plan.name, board)
+                except Exception as exc:  # noqa: BLE001 (MLflow raises many kinds)
+                    log.warning(
+                        f"MLflow: the final statuses were not recorded in {plan.mlflow}: {first_line(exc)}"
+                    )
     if not (interrupted or budget_reached):
         result.failed = failure_line(plan, result.leaderboard, result.note)
     return result
@@ -289,7 +297,11 @@ def preflight(plan: SearchPlan) -> None:
 def _refuse_existing(plan: SearchPlan) -> None:
     """A new search's folder may hold only what an interrupted preparation wrote (no experiment.json yet)."""
     exp = plan.experiment
-    leftovers = {p.name for p in exp.path.glob("[!.]*")} - {exp.split.name, exp.skipped.name}
+    leftovers = {p.name for p in exp.path.glob("[!.]*")} - {
+        exp.split.name,
+        exp.skipped.name,
+        exp.mlruns.name,
+    }
     if leftovers:
         raise ExperimentError(
             f"experiment {plan.exp_dir} already exists; pass --resume to continue it or choose another --name"

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mura_tune.constants import METRIC
+from mura_tune.constants import LAST_EPOCH, METRIC
 from mura_tune.data.split import assign_folds, fold_split
 from mura_tune.errors import ConfigError, ExperimentError
 from mura_tune.io import write_json, write_parquet
@@ -56,10 +56,6 @@ from mura_tune.search.plan import SearchPlan
 from mura_tune.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
-
-#: ``select_metric`` of a fold model: the epoch number only grows, so the checkpoint kept is the
-#: last epoch's; nothing is selected on the held-out fold.
-LAST_EPOCH = "epoch"
 
 
 @dataclass
@@ -170,7 +166,8 @@ def prepare_refit(plan: RefitPlan) -> list[dict]:
     for row in sources.itertuples(index=False):
         source = exp.trial(str(row.trial_id))
         config = TrainConfig.load(source.config)
-        check_weights_split(config.pretrained, fold_split(folds, 0), notify=False)
+        for fold in range(plan.k):  # the weights may have seen no image of any held-out fold
+            check_weights_split(config.pretrained, fold_split(folds, fold), notify=False)
         epochs = int(row.best_epoch)
         fixed = config.updated(
             {"max_epochs": epochs, "select_metric": LAST_EPOCH, "lr_patience": epochs},
@@ -256,28 +253,33 @@ def run_refit(plan: RefitPlan) -> RefitResult:
         ExperimentError, ConfigError, WeightsError: see :func:`prepare_refit`.
     """
     from mura_tune.search.driver import _forward_sigterm, init_ray
+    from mura_tune.search.preflight import check_address, claim_experiment
 
-    jobs = prepare_refit(plan)
     exp = plan.exp
-    sources = list(dict.fromkeys(j["source"] for j in jobs))
-    pending = [j for j in jobs if not fold_model_done(exp, j["trial_id"])]
-    log.info(
-        f"refit: {len(sources)} configuration(s) x {plan.k} folds = {len(jobs)} fold models "
-        f"({len(jobs) - len(pending)} done, {len(pending)} to train) in {exp.cv.path}"
-    )
-    interrupted = False
-    if pending:
-        search_plan = SearchPlan.load(exp.path)
-        init_ray(plan.address or search_plan.address)
-        previous_term = _forward_sigterm()
-        try:
-            _tuner(plan, search_plan, pending).fit()
-        except KeyboardInterrupt:
-            interrupted = True
-        finally:
-            if previous_term is not None:
-                signal.signal(signal.SIGTERM, previous_term)
-    build_leaderboard(exp.path)
+    if not exp.path.is_dir():
+        raise ExperimentError(f"experiment folder not found: {exp.path}")
+    with claim_experiment(exp, exp.path.name):  # no search or other refit writes it meanwhile
+        jobs = prepare_refit(plan)
+        sources = list(dict.fromkeys(j["source"] for j in jobs))
+        pending = [j for j in jobs if not fold_model_done(exp, j["trial_id"])]
+        log.info(
+            f"refit: {len(sources)} configuration(s) x {plan.k} folds = {len(jobs)} fold models "
+            f"({len(jobs) - len(pending)} done, {len(pending)} to train) in {exp.cv.path}"
+        )
+        interrupted = False
+        if pending:
+            address = plan.address or SearchPlan.load(exp.path).address
+            check_address(address)  # an address that does not answer is refused, never waited on
+            init_ray(address)
+            previous_term = _forward_sigterm()
+            try:
+                _tuner(plan, SearchPlan.load(exp.path), pending).fit()
+            except KeyboardInterrupt:
+                interrupted = True
+            finally:
+                if previous_term is not None:
+                    signal.signal(signal.SIGTERM, previous_term)
+        build_leaderboard(exp.path)
     finished = [j["trial_id"] for j in jobs if fold_model_done(exp, j["trial_id"])]
     interrupted = interrupted or (len(finished) < len(jobs) and not _all_ended(exp, jobs))
     log.info(f"refit: {len(finished)} of {len(jobs)} fold models finished")

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from mura_tune.constants import BODY_PARTS, METRIC, VAL_METRICS
+from mura_tune.constants import BODY_PARTS, METRIC, SELECT_METRICS, VAL_METRICS
 from mura_tune.errors import ConfigError, closest
 from mura_tune.io import write_json, write_yaml
 
@@ -173,7 +173,7 @@ class TrainConfig:
         rule(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
         rule(self.image_size <= 2048, f"image_size must be <= 2048, got {self.image_size}")
         rule(
-            self.select_metric in VAL_METRICS,
+            self.select_metric in SELECT_METRICS,
             f"select_metric must be a metric a run reports on val ({', '.join(VAL_METRICS[:7])} or "
             f"val_kappa_study_<PART>/val_auc_<PART>), got {self.select_metric!r}"
             + closest(self.select_metric, VAL_METRICS),
