@@ -96,7 +96,7 @@ def test_unfinished_arms_are_named(finished_arms):
 def test_calibration_measures_resolution_and_spread_on_the_runs(finished_arms):
     calib = finished_arms.evaluate(seeds=(0, 1))["calibration"]
     half = calib["paired_ci_half_width"]
-    assert len(half["per_seed"]) == 2 and 0 < half["mean"] < 0.5
+    assert len(half["per_seed"]) == 4 and 0 < half["mean"] < 0.5  # 2 pairs x 2 seeds
     # the spread counts configurations that ran to their end (the PRUNED one's 0.0 is left out)
     assert calib["random_configs_test_kappa"]["1"]["worst"] == 0.2
     assert calib["best_minus_worst_config"] == pytest.approx((0.4 + 0.5) / 2)
