@@ -121,10 +121,9 @@ def evaluate(seeds=SEEDS, arms=ARMS, seconds: float | None = None) -> dict:
             raise SystemExit(f"{model} seed {seed} predicted other test studies")
         raw = t["prob"].to_numpy(dtype=np.float64)
         test[model, seed] = decided(t)  # kappa at the model's own thresholds (0.5 unless fitted)
-        ci = bootstrap_intervals(labels, raw, n_boot=N_BOOT, seed=seed)
-        ci["kappa"] = bootstrap_intervals(labels, test[model, seed], N_BOOT, seed=seed, auc=False)[
-            "kappa"
-        ]
+        ci = bootstrap_intervals(
+            labels, raw, n_boot=N_BOOT, seed=seed, threshold=ModelPredictions.thresholds(t)
+        )
         arm = next(a for a in arms if model in MODELS[a])
         result = results[arm, seed]
         rows.append({

@@ -56,10 +56,14 @@ class ModelPredictions:
         return rows.sort_values("study_id", kind="stable").reset_index(drop=True)
 
     @staticmethod
+    def thresholds(rows: pd.DataFrame) -> np.ndarray | float:
+        """Each study's decision threshold (0.5 unless the model's file fits its own)."""
+        return rows[THRESHOLD].to_numpy(np.float64) if THRESHOLD in rows else 0.5
+
+    @staticmethod
     def decided(rows: pd.DataFrame) -> np.ndarray:
         """``rows``' probabilities with each study's threshold at 0.5 (see metrics.at_half)."""
-        probs = rows["prob"].to_numpy(dtype=np.float64)
-        return at_half(probs, rows[THRESHOLD].to_numpy(np.float64)) if THRESHOLD in rows else probs
+        return at_half(rows["prob"].to_numpy(dtype=np.float64), ModelPredictions.thresholds(rows))
 
 
 def load_predictions(path: str | Path, name: str | None = None) -> ModelPredictions:
@@ -145,8 +149,9 @@ def compare(models: list[ModelPredictions], n_boot: int = 2000, seed: int = 0) -
     rows = []
     for model, test in zip(models, tests):
         probs, decided = test["prob"].to_numpy(dtype=np.float64), model.decided(test)
-        kappa_ci = bootstrap_intervals(labels, decided, n_boot=n_boot, seed=seed, auc=False)
-        auc_ci = bootstrap_intervals(labels, probs, n_boot=n_boot, seed=seed)
+        ci = bootstrap_intervals(
+            labels, probs, n_boot=n_boot, seed=seed, threshold=model.thresholds(test)
+        )
         val = model.split("val")
         row = {
             "name": model.name,
@@ -154,9 +159,9 @@ def compare(models: list[ModelPredictions], n_boot: int = 2000, seed: int = 0) -
             "source": model.source,
             "val_kappa": cohen_kappa(val["label"], model.decided(val)) if len(val) else math.nan,
             "test_kappa": cohen_kappa(labels, decided),
-            "test_kappa_ci": list(kappa_ci["kappa"]),
+            "test_kappa_ci": list(ci["kappa"]),
             "test_auc": roc_auc(labels, probs),
-            "test_auc_ci": list(auc_ci["auc"]),
+            "test_auc_ci": list(ci["auc"]),
             "diff": None,
             "diff_ci": None,
         }
