@@ -28,7 +28,8 @@ Run on the value benchmark's searches, or on any finished searches of one data s
 
     python -m benchmarks.ensemble_methods \\
         --experiments benchmarks/_work/value/seed*/mura_tune/search
-    python -m benchmarks.ensemble_methods --experiments E1 E2 E3 --cv 3 --top 3   # + refit
+    python -m benchmarks.ensemble_methods --experiments E1 E2 E3 --cv 5 --top 3 --max-concurrent 2
+    # + the refit: 48 min on 2 cores for the value benchmark's 3 searches (ensemble_methods_cv5.json)
 
 The experiments are read, never written (the ``--cv`` refit writes its fold models into them).
 It writes ``benchmarks/ensemble_methods.json`` (``--out``) and prints the table.
@@ -169,14 +170,16 @@ def _facts(val_labels, on_val, test_ids, on_test, sel=None) -> dict:
     return facts
 
 
-def oof_methods(exp: Path, k: int, top: int, n_boot: int) -> tuple[dict, dict]:
+def oof_methods(
+    exp: Path, k: int, top: int, n_boot: int, max_concurrent: int | None = None
+) -> tuple[dict, dict]:
     """Refit ``exp``'s top configurations (or reuse the refit) and score the out-of-fold methods."""
     from mura_tune.ensemble.build import build_ensemble
     from mura_tune.layout import EnsembleDir
     from mura_tune.search.refit import RefitPlan, run_refit
 
     started = time.time()
-    refit = run_refit(RefitPlan(exp, k=k, top=top, verbose=0))
+    refit = run_refit(RefitPlan(exp, k=k, top=top, max_concurrent=max_concurrent, verbose=0))
     if not refit.complete:
         raise SystemExit(f"the refit of {exp} did not finish ({len(refit.finished)} fold models)")
     refit_s = time.time() - started
@@ -271,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiments", nargs="+", required=True, help="one experiment per seed")
     parser.add_argument("--cv", type=int, default=0, help="folds of the refit (0: no refit)")
     parser.add_argument("--top", type=int, default=3, help="configurations refit with --cv")
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        help="fold models trained at once (default: each search's own setting)",
+    )
     parser.add_argument("--n-boot", type=int, default=2000)
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args(argv)
@@ -281,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         run = val_methods(exp, args.n_boot)
         if args.cv:
             log(f"{exp}: refit (--cv {args.cv} --top {args.top}) and the out-of-fold methods")
-            oof, cost = oof_methods(exp, args.cv, args.top, args.n_boot)
+            oof, cost = oof_methods(exp, args.cv, args.top, args.n_boot, args.max_concurrent)
             run["methods"].update(oof)
             compute.append(cost)
         run["experiment"] = str(exp)
@@ -294,7 +302,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     summary = summarise(runs, names, args.n_boot)
     result = {
-        "settings": {"cv": args.cv, "top": args.top, "bags": BAGS, "n_boot": args.n_boot},
+        "settings": {
+            "cv": args.cv,
+            "top": args.top,
+            "max_concurrent": args.max_concurrent,
+            "bags": BAGS,
+            "n_boot": args.n_boot,
+        },
         "experiments": [
             {
                 "experiment": r["experiment"],

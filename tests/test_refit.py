@@ -25,7 +25,8 @@ from test_reliability import _fingerprint, _start, _stop_group
 from mura_tune.data.split import NO_FOLD, assign_folds, fold_split
 from mura_tune.ensemble.oof import load_oof, read_refit
 from mura_tune.errors import ConfigError, ExperimentError
-from mura_tune.layout import ExperimentDir, fold_trial_id
+from mura_tune.layout import ExperimentDir, TrialDir, fold_trial_id
+from mura_tune.train.config import TrainConfig
 
 K, TOP = 2, 2
 TIMEOUT = 900
@@ -101,6 +102,18 @@ def test_unfinished_fold_model_skips_its_configuration(tmp_path):
     ]
 
 
+def test_source_lr_schedule_replays_the_sources_rates_or_none(tmp_path):
+    from mura_tune.search.refit import source_lr_schedule
+
+    trial = TrialDir(tmp_path / "t")
+    assert source_lr_schedule(trial, 2) == []  # no history: a constant rate
+    trial.path.mkdir()
+    pd.DataFrame({"epoch": [1, 2, 3], "lr": [1e-3, 1e-3, 2e-4]}).to_parquet(trial.metrics)
+    assert source_lr_schedule(trial, 3) == [1e-3, 1e-3, 2e-4]
+    assert source_lr_schedule(trial, 2) == [1e-3, 1e-3]  # up to the source's best epoch
+    assert source_lr_schedule(trial, 4) == []  # the history does not cover the epochs
+
+
 # ------------------------------------------------------------------ end to end (Ray trials)
 @pytest.fixture(scope="module")
 def refit(ray_session, tiny_data, tmp_path_factory):
@@ -139,6 +152,10 @@ def test_refit_trains_top_configurations_on_every_fold(refit):
         source = json.loads(exp.trial(row.refit_of).trial_json.read_text())
         assert meta["params"] == source["params"]  # the same configuration
         assert row.epochs == row.best_epoch == 1  # the source's best epoch, the last one kept
+        # the source's learning rates, replayed (its held-out fold may not drive a plateau rule)
+        rates = pd.read_parquet(exp.trial(row.refit_of).metrics)["lr"].head(row.epochs).tolist()
+        assert TrainConfig.load(trial.config).lr_schedule == rates
+        assert pd.read_parquet(trial.metrics)["lr"].tolist() == rates
         preds = pd.read_parquet(trial.predictions)
         held_out = set(folds.loc[folds["fold"] == row.fold, "study_id"])
         assert set(preds.loc[preds["split"] == "val", "study_id"]) == held_out
@@ -163,6 +180,26 @@ def test_refit_again_trains_nothing(refit):
     assert {t: _fingerprint(exp.trial(t).path) for t in again.fold_models} == before
     with pytest.raises(ConfigError, match=f"already holds a --cv {K} refit"):
         run_refit(RefitPlan(refit.exp, k=K + 1, top=TOP, verbose=0))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT)
+def test_refit_runs_as_many_fold_models_at_once_as_asked(refit, monkeypatch):
+    """``--max-concurrent`` reaches Ray Tune; without it the refit keeps the search's setting."""
+    from ray import tune
+
+    from mura_tune.search.plan import SearchPlan
+    from mura_tune.search.refit import RefitPlan, _tuner
+
+    asked = []
+    monkeypatch.setattr(tune, "Tuner", lambda *a, tune_config, **kw: asked.append(tune_config))
+    search = SearchPlan.load(refit.exp)
+    for max_concurrent in (3, None):
+        plan = RefitPlan(refit.exp, k=K, top=TOP, max_concurrent=max_concurrent, verbose=0)
+        _tuner(plan, search, [])
+    assert [c.max_concurrent_trials for c in asked] == [3, search.max_concurrent]
+    with pytest.raises(ConfigError, match="--max-concurrent must be an integer >= 1, got 0"):
+        RefitPlan(refit.exp, k=K, top=TOP, max_concurrent=0)
 
 
 @pytest.mark.slow
@@ -213,9 +250,8 @@ def test_killed_refit_resumes_to_exactly_top_times_k_fold_models(refit, tmp_path
     the same command again ends with exactly TOP x K fold models, the finished ones untouched."""
     exp = tmp_path / "x"
     shutil.copytree(refit.pristine, exp)
-    plan = json.loads((exp / "experiment.json").read_text())
-    (exp / "experiment.json").write_text(json.dumps({**plan, "max_concurrent": 1}))
     command = ("ensemble", "--experiment", exp, "--cv", K, "--top", TOP, "--out-root", tmp_path)
+    command += ("--max-concurrent", 1)  # one fold model at a time: the kill lands between two
     folder = ExperimentDir(exp)
 
     def finished() -> set[str]:
@@ -266,6 +302,9 @@ def test_cv_errors_are_one_line_and_import_neither_torch_nor_ray(tmp_path):
         (["--experiment", fx.exp, "--cv", 1], ["--cv", "1"]),
         (["--experiment", fx.exp, "--threshold", "0.3"], ["--threshold", "'0.3'"]),
         (["--experiment", fx.exp, "--bags", 0], ["--bags", "0"]),
+        (["--experiment", fx.exp, "--cv", 3, "--max-concurrent", 0], ["--max-concurrent", "0"]),
+        (["--experiment", fx.exp, "--address", "auto"], ["--address", "only", "--cv"]),
+        (["--experiment", fx.exp, "--max-concurrent", 2], ["--max-concurrent", "only", "--cv"]),
     ]
     for argv, phrases in cases:
         result = cli("ensemble", *argv, "--out-root", tmp_path / "ens", timeout=120)

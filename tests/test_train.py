@@ -263,6 +263,22 @@ def test_moving_average_is_the_model_kept_and_it_resumes_exactly(tiny_split, tmp
     assert plain[0]["ema"] is None
 
 
+def test_replayed_lr_schedule_sets_each_epochs_rate_and_ignores_plateaus(tiny_split, tmp_path):
+    """A --cv refit replays its source's rates: the plateau rule (patience 0 here, so it would
+    cut the rate after any epoch that does not improve val loss) no longer changes them."""
+    table, _ = tiny_split
+    schedule = [2e-3, 1e-3, 1e-3, 2e-4]
+    config = TrainConfig(**TINY, max_epochs=4, lr_patience=0, early_stop_patience=9)
+    run_training(config.updated({"lr_schedule": schedule}), table, tmp_path / "a", verbose=False)
+    assert pd.read_parquet(tmp_path / "a" / "metrics.parquet")["lr"].tolist() == schedule
+    with pytest.raises(
+        ConfigError, match="lr_schedule must give a learning rate for each of the 4"
+    ):
+        config.updated({"lr_schedule": schedule[:3]})
+    with pytest.raises(ConfigError, match="lr_schedule must hold finite learning rates > 0"):
+        config.updated({"lr_schedule": [1e-3, 0, 1e-3, 1e-3]})
+
+
 def test_should_stop_ends_the_run_mid_epoch_and_keeps_what_it_has(tiny_split, tmp_path):
     table, _ = tiny_split
     asked = []

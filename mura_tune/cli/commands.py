@@ -262,6 +262,11 @@ def ensemble(args) -> int:
     from mura_tune.ensemble.record import format_report
     from mura_tune.search.tracking import ensemble_store
 
+    for flag in ("address", "max_concurrent"):
+        if args.cv is None and getattr(args, flag) is not None:
+            raise ConfigError(
+                f"--{flag.replace('_', '-')} applies to the --cv refit only; add --cv K"
+            )
     tracked = ensemble_store(args.experiment, args.mlflow)
     if tracked:  # a store that cannot be opened fails here, in one line, before the build
         from mura_tune.search.tracking import open_experiment
@@ -270,7 +275,15 @@ def ensemble(args) -> int:
     if args.cv is not None:
         from mura_tune.search.refit import RefitPlan, run_refit
 
-        refit = run_refit(RefitPlan(args.experiment, k=args.cv, top=args.top, address=args.address))
+        refit = run_refit(
+            RefitPlan(
+                args.experiment,
+                k=args.cv,
+                top=args.top,
+                address=args.address,
+                max_concurrent=args.max_concurrent,
+            )
+        )
         if refit.interrupted:
             print(
                 "mura-tune: interrupted; finished fold models are kept. Run the same command again "

@@ -270,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--address", help="with --cv: the Ray cluster to refit on (default: the search's)"
     )
+    p.add_argument(
+        "--max-concurrent",
+        type=POSITIVE_INT,
+        help="with --cv: fold models trained at once (default: the search's --max-concurrent)",
+    )
     p.add_argument("--seed", type=SEED, default=0)
     _mlflow_arg(
         p, "log the ensemble as an MLflow run (default: if the search used --mlflow, its store)"

@@ -13,9 +13,11 @@ What a refit does, in the experiment's own folder (``<exp>/cv/``, see :mod:`mura
 3. runs one Ray Tune trial per (configuration, fold), on the search's cluster with its
    resources, through the search's own trainable (:func:`~mura_tune.search.trainable.trial_main`):
    the configuration's exact ``config.yaml`` trains on the other folds for the source trial's best
-   epoch count. The checkpoint kept is the last epoch's and ReduceLROnPlateau is off, so nothing
-   is chosen on the held-out fold, and the fold model's predictions there (its ``val`` rows) are
-   out-of-fold.
+   epoch count, replaying the learning rate the source trained each epoch with. The checkpoint
+   kept is the last epoch's and ReduceLROnPlateau is off, so nothing is chosen on the held-out
+   fold, and the fold model's predictions there (its ``val`` rows) are out-of-fold. (Without the
+   replay, a fold model trains at the initial rate throughout and ends under-converged: on the
+   value searches it called fewer studies abnormal than its source.)
 
 Every train+val study thus gets one out-of-fold prediction per configuration
 (:mod:`mura_tune.ensemble.oof` assembles them). Fold models are ordinary trial folders,
@@ -30,6 +32,7 @@ ends with exactly ``top x k`` fold models.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -47,6 +50,7 @@ from mura_tune.layout import (
     REFIT_SCOPE,
     RUN_ENDED,
     ExperimentDir,
+    TrialDir,
     TrialStatus,
     fold_trial_id,
     read_json,
@@ -67,6 +71,8 @@ class RefitPlan:
         k: number of folds (>= 2).
         top: number of configurations to refit (the best finished generalist trials by val kappa).
         address: join this Ray cluster (default: the search's own ``--address``, else a local Ray).
+        max_concurrent: fold models trained at once (default: the search's ``--max-concurrent``,
+            else what the resources allow).
         verbose: Ray Tune's verbosity (1: its progress table every 30 s; 0: silent).
     """
 
@@ -74,14 +80,20 @@ class RefitPlan:
     k: int = 5
     top: int = 5
     address: str | None = None
+    max_concurrent: int | None = None
     verbose: int = 1
     exp: ExperimentDir = field(init=False)
 
     def __post_init__(self) -> None:
-        for name, low in (("k", 2), ("top", 1)):
+        for name, low, flag in (
+            ("k", 2, "--cv"),
+            ("top", 1, "--top"),
+            ("max_concurrent", 1, "--max-concurrent"),
+        ):
             value = getattr(self, name)
+            if value is None and name == "max_concurrent":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                flag = "--cv" if name == "k" else "--top"
                 raise ConfigError(f"{flag} must be an integer >= {low}, got {value!r}")
         self.exp = ExperimentDir(Path(self.experiment).expanduser().resolve())
         if not self.exp.plan.is_file():
@@ -155,6 +167,13 @@ def prepare_refit(plan: RefitPlan) -> list[dict]:
             f"--top {plan.top}: only {len(sources)} finished generalist trial(s); refitting those"
         )
     search_plan = SearchPlan.load(exp.path)
+    matching = math.ceil(1 / search_plan.val_fraction - 1e-9)  # folds whose train = search's train
+    if plan.k < matching:
+        log.info(
+            f"--cv {plan.k}: each fold model trains on {(plan.k - 1) / plan.k:.0%} of train+val, "
+            f"less than the search's trials ({1 - search_plan.val_fraction:.0%}); "
+            f"--cv {matching} matches them"
+        )
     if previous is None:
         folds = assign_folds(load_split(exp.split), plan.k, seed=search_plan.seed)
         cv.path.mkdir(parents=True, exist_ok=True)
@@ -170,7 +189,12 @@ def prepare_refit(plan: RefitPlan) -> list[dict]:
             check_weights_split(config.pretrained, fold_split(folds, fold), notify=False)
         epochs = int(row.best_epoch)
         fixed = config.updated(
-            {"max_epochs": epochs, "select_metric": LAST_EPOCH, "lr_patience": epochs},
+            {
+                "max_epochs": epochs,
+                "select_metric": LAST_EPOCH,
+                "lr_patience": epochs,
+                "lr_schedule": source_lr_schedule(source, epochs),
+            },
             source=f"refit of {row.trial_id}",
         ).to_dict()
         params = (read_json(source.trial_json) or {}).get("params", {})
@@ -212,6 +236,24 @@ def prepare_refit(plan: RefitPlan) -> list[dict]:
         },
     )
     return jobs
+
+
+def source_lr_schedule(source: TrialDir, epochs: int) -> list[float]:
+    """The learning rate of each of the source trial's first ``epochs`` epochs, to replay.
+
+    A fold model cannot lower its rate on a plateau of its own held-out fold (that fold is what it
+    is scored on), so it replays the rates its source trained with. ``[]`` (a constant rate) when
+    the source's history does not cover those epochs.
+    """
+    try:
+        history = pd.read_parquet(source.metrics, columns=["epoch", "lr"])
+    except (OSError, ValueError, KeyError):
+        return []
+    rates = history.dropna().drop_duplicates("epoch", keep="last").set_index("epoch")["lr"]
+    wanted = range(1, epochs + 1)
+    if not set(wanted) <= set(rates.index):
+        return []
+    return [float(rates[e]) for e in wanted]
 
 
 def fold_model_done(exp: ExperimentDir, trial_id: str) -> bool:
@@ -321,7 +363,7 @@ def _tuner(plan: RefitPlan, search_plan: SearchPlan, pending: list[dict]):
         param_space={"job": tune.grid_search([j["trial_id"] for j in pending])},
         tune_config=tune.TuneConfig(
             num_samples=1,
-            max_concurrent_trials=search_plan.max_concurrent,
+            max_concurrent_trials=plan.max_concurrent or search_plan.max_concurrent,
             trial_name_creator=lambda trial: str(trial.config["job"]),
             trial_dirname_creator=trial_dirname,
             reuse_actors=True,

@@ -73,6 +73,9 @@ class TrainConfig:
     class_weighting: bool = True  # MURA paper's per-body-part positive/negative weights in the BCE
     lr_factor: float = 0.2  # ReduceLROnPlateau factor on val loss
     lr_patience: int = 2  # ReduceLROnPlateau patience (epochs)
+    lr_schedule: list[float] = field(
+        default_factory=list
+    )  # learning rate of each epoch, replayed in place of the plateau rule (a --cv refit replays its source trial's); [] = the plateau rule
     ema_decay: float = (
         0.998  # evaluate and keep an exponential moving average of the weights (per step; 0 = off)
     )
@@ -140,6 +143,15 @@ class TrainConfig:
         rule(self.lr > 0, f"lr must be > 0, got {self.lr}")
         rule(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         rule(0 < self.lr_factor < 1, f"lr_factor must be in (0, 1), got {self.lr_factor}")
+        rule(
+            all(math.isfinite(v) and v > 0 for v in self.lr_schedule),
+            f"lr_schedule must hold finite learning rates > 0, got {self.lr_schedule}",
+        )
+        rule(
+            not self.lr_schedule or len(self.lr_schedule) >= self.max_epochs,
+            f"lr_schedule must give a learning rate for each of the {self.max_epochs} epochs "
+            f"(max_epochs), got {len(self.lr_schedule)}",
+        )
         rule(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         rule(
             self.global_pool in GLOBAL_POOLS,
@@ -253,6 +265,7 @@ _KIND_TEXT = {
     "str": "a string",
     "str | None": "a string or null",
     "list[int]": "a list of integers",
+    "list[float]": "a list of numbers",
     "int | str": "an integer or a string",
 }
 
@@ -274,6 +287,10 @@ def _has_type(value: Any, kind: str) -> bool:
         return isinstance(value, list) and all(
             isinstance(v, int) and not isinstance(v, bool) for v in value
         )
+    if kind == "list[float]":
+        return isinstance(value, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        )
     if kind == "int | str":
         return is_int or isinstance(value, str)
     return True
@@ -289,6 +306,8 @@ def _coerce(name: str, value: Any) -> Any:
             raise ConfigError(f"{name} must be a number, got {value!r}") from None
     if kind == "list[int]" and isinstance(value, tuple):
         return list(value)
+    if kind == "list[float]" and isinstance(value, (list, tuple)):
+        return [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
     if name == "unfreeze_blocks" and isinstance(value, str) and value.isdigit():
         return int(value)
     if name == "pretrained" and value is None:

@@ -256,6 +256,9 @@ def run_training(
 
     for epoch in range(start_epoch, config.max_epochs):
         t0 = time.time()
+        if config.lr_schedule:  # a replayed schedule (a --cv refit's) sets the rate of each epoch
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr_schedule[epoch]
         batches = batch_loader(
             data.cache,
             data.train,
@@ -303,7 +306,8 @@ def run_training(
             "lr": optimizer.param_groups[0]["lr"],
             "epoch_seconds": 0.0,
         }
-        plateau.step(metrics["val_loss"])
+        if not config.lr_schedule:
+            plateau.step(metrics["val_loss"])
         value = metrics.get(config.select_metric, math.nan)
         better = value > best["value"] if _maximise(config.select_metric) else value < best["value"]
         if best["epoch"] < 0 or better:
