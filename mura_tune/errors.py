@@ -7,6 +7,7 @@ Anything else is a bug and keeps its traceback (as does everything under ``--deb
 from __future__ import annotations
 
 import difflib
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -61,6 +62,12 @@ def without_unsafe_advice(text: str) -> str:
         return text
     head = text[: min(at)].rstrip(" .:")
     return f"{head}: {REFUSED_PICKLE}" if head else REFUSED_PICKLE
+
+
+def check_int(name: str, value: object, low: int) -> None:
+    """Raise ConfigError unless ``value`` is an integer (not a bool; numpy's count) >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def closest(name: str, options: Iterable[str]) -> str:

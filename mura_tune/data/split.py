@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from mura_tune.constants import SPLITS, TABLE_COLUMNS
-from mura_tune.errors import ConfigError, DataError
+from mura_tune.errors import ConfigError, DataError, check_int
 from mura_tune.io import write_parquet
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,7 @@ def assign_folds(split_table: pd.DataFrame, k: int, seed: int = 0) -> pd.DataFra
     Raises:
         ConfigError: ``k`` is not an integer >= 2, or exceeds the number of train+val patients.
     """
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2:
-        raise ConfigError(f"--cv must be an integer >= 2, got {k!r}")
+    check_int("--cv", k, 2)
     out = split_table.copy()
     pool = out[out["split"].isin(["train", "val"])]
     patients, matrix, order = _patient_strata(pool, seed)

@@ -39,7 +39,7 @@ from mura_tune.ensemble.oof import load_fold_test, load_oof, read_refit, refit_c
 from mura_tune.ensemble.record import MODELS, format_report, manifest  # noqa: F401 (CLI API)
 from mura_tune.ensemble.select import Selection, needed, predict, select
 from mura_tune.ensemble.thresholds import THRESHOLD_MODES, per_study
-from mura_tune.errors import ConfigError, ExperimentError
+from mura_tune.errors import ConfigError, ExperimentError, check_int
 from mura_tune.io import write_json, write_parquet
 from mura_tune.layout import (
     GENERALIST_SCOPE,
@@ -79,14 +79,13 @@ def _check_settings(metric, margin, n_boot, bags, bag_fraction, threshold, cv, *
     BaggedEnsemble(n_bags=bags, bag_fraction=bag_fraction, metric=check_metric(metric), **greedy)
     if not margin >= 0:
         raise ConfigError(f"margin must be >= 0, got {margin}")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
-        raise ConfigError(f"n_boot must be an integer >= 1, got {n_boot!r}")
+    check_int("n_boot", n_boot, 1)
     if threshold not in THRESHOLD_MODES:
         raise ConfigError(
             f"--threshold must be one of {', '.join(THRESHOLD_MODES)}, got {threshold!r}"
         )
-    if cv is not None and (isinstance(cv, bool) or not isinstance(cv, int) or cv < 2):
-        raise ConfigError(f"--cv must be an integer >= 2, got {cv!r}")
+    if cv is not None:
+        check_int("--cv", cv, 2)
 
 
 def _search_candidates(exp: Path, specialists: bool) -> tuple[list[Candidate], StudyProbs, list]:

@@ -32,17 +32,12 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.stats import rankdata
 
-from mura_tune.errors import ConfigError
+from mura_tune.errors import ConfigError, check_int
 from mura_tune.metrics import THRESHOLD, kappa_from_counts
 
 METRICS = ("kappa", "auc", "logloss")
 _EPS = 1e-7
 _TIE = 1e-12  # scores within this of the best count as tied
-
-
-def _check_int(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def check_metric(metric: str) -> str:
@@ -137,19 +132,19 @@ class GreedyEnsemble:
         max_members: int | None = None,
         seed: int = 0,
     ) -> None:
-        _check_int("max_size", max_size, 1)
-        _check_int("max_init", max_init, 1)
+        check_int("max_size", max_size, 1)
+        check_int("max_init", max_init, 1)
         if n_init is not None:
-            _check_int("n_init", n_init, 1)
+            check_int("n_init", n_init, 1)
             if n_init > max_size:
                 raise ConfigError(
                     f"n_init must be <= max_size, got n_init={n_init}, max_size={max_size}"
                 )
         if prune_top is not None:
-            _check_int("prune_top", prune_top, 1)
+            check_int("prune_top", prune_top, 1)
         if max_members is not None:
-            _check_int("max_members", max_members, 1)
-        _check_int("seed", seed, 0)
+            check_int("max_members", max_members, 1)
+        check_int("seed", seed, 0)
         self.max_size = max_size
         self.metric = check_metric(metric)
         self.n_init = n_init
@@ -344,7 +339,7 @@ class BaggedEnsemble(GreedyEnsemble):
 
     def __init__(self, n_bags: int = 20, bag_fraction: float = 0.5, **settings) -> None:
         super().__init__(**settings)
-        _check_int("n_bags", n_bags, 1)
+        check_int("n_bags", n_bags, 1)
         if not 0.0 < bag_fraction <= 1.0:
             raise ConfigError(f"bag_fraction must be in (0, 1], got {bag_fraction!r}")
         self.n_bags = n_bags

@@ -42,7 +42,7 @@ import pandas as pd
 
 from mura_tune.constants import LAST_EPOCH, METRIC
 from mura_tune.data.split import assign_folds, fold_split
-from mura_tune.errors import ConfigError, ExperimentError
+from mura_tune.errors import ConfigError, ExperimentError, check_int
 from mura_tune.io import write_json, write_parquet
 from mura_tune.layout import (
     CV_DIR,
@@ -85,16 +85,10 @@ class RefitPlan:
     exp: ExperimentDir = field(init=False)
 
     def __post_init__(self) -> None:
-        for name, low, flag in (
-            ("k", 2, "--cv"),
-            ("top", 1, "--top"),
-            ("max_concurrent", 1, "--max-concurrent"),
-        ):
-            value = getattr(self, name)
-            if value is None and name == "max_concurrent":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{flag} must be an integer >= {low}, got {value!r}")
+        check_int("--cv", self.k, 2)
+        check_int("--top", self.top, 1)
+        if self.max_concurrent is not None:
+            check_int("--max-concurrent", self.max_concurrent, 1)
         self.exp = ExperimentDir(Path(self.experiment).expanduser().resolve())
         if not self.exp.plan.is_file():
             raise ExperimentError(
